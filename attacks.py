@@ -37,8 +37,6 @@ def pgd(model, x, y, eps, alpha, steps, loss_fn=cross_entropy, targeted=False, r
 
     Untargeted ascends loss_fn(model(x_adv), y); targeted (y = target classes) descends it.
     """
-    if eps == 0 or steps == 0:
-        return x.detach().clone()
     x = x.detach()
     x_adv = random_start(x, eps) if rand_init else x.clone()
     sign = -1.0 if targeted else 1.0

@@ -1,0 +1,436 @@
+"""Zero-shot clean and robust accuracy of CLIP, and the run harness shared by the six training scripts.
+
+    python evaluate.py --toy --checkpoint runs/tecoa-toy/ckpt.pt     # toy world, offline
+    python evaluate.py --model ViT-B/32 --checkpoint runs/tecoa/ckpt.pt --data-root /data --datasets cifar10,stl10
+    torchrun --standalone --nproc_per_node 8 evaluate.py ...         # data-parallel evaluation
+
+Robust accuracy is top-1 accuracy on the adversarial images (the AGFT convention); clean accuracy on the originals.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import attacks
+import clip
+import data
+
+# ----------------------------------------------------------------------------- errors and flags
+
+
+class UsageError(Exception):
+    """Bad flags or input; the message is one line saying what is wrong and how to fix it."""
+
+
+def cli(main):
+    """Run main(); a known failure prints one line (no traceback) and exits with status 1."""
+    try:
+        main()
+    except (UsageError, clip.CLIPError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def parse_eps(text):
+    """'1/255' or a float in [0, 1]. A bare number > 1 such as '4' is refused: it almost surely meant 4/255."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is negative")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is above 1 in [0,1] pixel units: did you mean {text}/255?")
+    return value
+
+
+def fmt_eps(value):
+    return f"{value * 255:g}/255"
+
+
+COMMON_PAPER = dict(model="ViT-B/32", epochs=10, warmup_steps=1000, eps=1 / 255, step_size=1 / 255, attack_steps=2,
+                    workers=8, eval_sets=",".join(data.ZERO_SHOT_SETS), eval_baseline=False)
+COMMON_TOY = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
+                  epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
+                  attack_steps=2, workers=0, eval_baseline=True)
+
+
+def training_parser(doc):
+    """The flags every training script shares. Flags left at None are filled by the paper or --toy preset."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU")
+    add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
+    add("--train-set", help="imagenet | tinyimagenet | imagefolder | toy")
+    add("--data-root", help="folder holding the datasets (or the image folder for --train-set imagefolder)")
+    add("--eval-sets", help="comma-separated zero-shot evaluation sets")
+    add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
+    add("--epochs", type=int)
+    add("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    add("--batch-size", type=int, help="global batch size (split across processes under torchrun)")
+    add("--lr", type=float)
+    add("--warmup-steps", type=int)
+    add("--eps", type=parse_eps, help="L-inf radius of the training attack, e.g. 1/255")
+    add("--step-size", type=parse_eps, help="training attack step size, e.g. 1/255")
+    add("--attack-steps", type=int, help="training attack steps")
+    add("--out-dir", help="where the checkpoint, log, arguments and results go")
+    add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    add("--log-every", type=int, default=10)
+    add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    add("--workers", type=int, help="data-loading processes")
+    add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    add("--compile", action="store_true", help="torch.compile the image encoder")
+    add("--seed", type=int, default=0)
+    return p
+
+
+def finish_args(args, method, paper, toy):
+    """Fill unset flags from the --toy preset or the paper's setting, then check them."""
+    preset = {**COMMON_TOY, **toy} if args.toy else {**COMMON_PAPER, **paper}
+    preset["out_dir"] = os.path.join("runs", method + ("-toy" if args.toy else ""))
+    for k, v in preset.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    args.method = method
+    check_attack_flags(args.eps, args.step_size, args.attack_steps)
+    return args
+
+
+def check_attack_flags(eps, step_size, steps):
+    if steps < 0:
+        raise UsageError(f"attack steps must be >= 0, got {steps}")
+    if step_size > eps > 0:
+        raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
+                         "cut back by the projection; use a step size <= eps")
+
+
+# ----------------------------------------------------------------------------- the run: device, precision, processes
+
+
+@dataclass
+class Run:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+    out_dir: str = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def attack_autocast(self):
+        """Input gradients in bf16 or fp32, never fp16 (fp16 gradients underflow and mask the attack, SPEC 1.7)."""
+        return self.autocast() if self.dtype == torch.bfloat16 else contextlib.nullcontext()
+
+    def log(self, msg):
+        if not self.main:
+            return
+        print(msg, flush=True)
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                print(msg, file=f)
+
+    def all_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup(args):
+    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed, output folder with args.json."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
+    if args.device.startswith("cuda") and world > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    if dtype is None:  # auto
+        dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    torch.manual_seed(args.seed + rank)
+    run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
+    if run.out_dir and run.main:
+        os.makedirs(run.out_dir, exist_ok=True)
+        with open(os.path.join(run.out_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return run
+
+
+class Progress:
+    """Prints 'what i/n | rate unit/s | ETA' at most every `every` seconds."""
+
+    def __init__(self, run, what, total, unit="img", every=10.0):
+        self.run, self.what, self.total, self.unit, self.every = run, what, total, unit, every
+        self.t0 = self.last = time.time()
+        self.done = 0
+
+    def update(self, n, extra=""):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.run.log(f"{self.what} {self.done}/{self.total}{extra} | {rate:.1f} {self.unit}/s | ETA {fmt_time(eta)}")
+
+
+def fmt_terms(terms):
+    return " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def lr_at(step, total, warmup, lr):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at the last step (SPEC 1.6)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over the old one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def load_visual(model, path, model_name):
+    """Load the image encoder of a checkpoint written by any of our scripts into model.visual."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "visual" not in ckpt:
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UsageError(f"{path} is not a nanoZSAR checkpoint (no 'visual' entry; found {keys})")
+    try:
+        model.visual.load_state_dict(ckpt["visual"])
+    except RuntimeError:
+        raise UsageError(f"{path} holds an image encoder of another architecture ({ckpt.get('model', '?')}) than "
+                         f"--model {model_name}; pass --model {ckpt.get('model', '<its model>')}") from None
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- zero-shot evaluation
+
+
+def text_head(model, dataset):
+    """Normalised text features of the dataset's prompts, one per class, encoded once."""
+    return clip.encode_text(model, data.prompts(dataset))
+
+
+def eval_subset(dataset, max_n, seed=0):
+    """A fixed, seeded subset of at most max_n samples, so quick runs are comparable."""
+    if not max_n or max_n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
+    sub = torch.utils.data.Subset(dataset, idx.tolist())
+    sub.classnames, sub.template = dataset.classnames, dataset.template
+    return sub
+
+
+def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name=""):
+    """Clean and robust top-1 accuracy (%) of `classifier` on `dataset`, and how many images the attack moved."""
+    shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
+    loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
+    progress = Progress(run, f"  {name}", len(dataset))
+    clean = robust = moved = n = 0
+    for x, y in loader:
+        x, y = data.to_device(x, run.device), y.to(run.device)
+        with torch.no_grad(), run.autocast():
+            pred = classifier(x).argmax(-1)
+        with run.attack_autocast():
+            x_adv = attack(classifier, x, y)
+        with torch.no_grad(), run.autocast():
+            pred_adv = classifier(x_adv).argmax(-1)
+        clean += (pred == y).sum().item()
+        robust += (pred_adv == y).sum().item()
+        moved += (x_adv != x).flatten(1).any(1).sum().item()
+        n += len(y)
+        progress.update(len(y) * run.world)
+    clean, robust, moved, n = run.all_sum([clean, robust, moved, n])
+    return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved)}
+
+
+def make_attack(name, eps, step_size, steps):
+    if name != "pgd":
+        raise UsageError(f"unknown attack '{name}' (known: pgd)")
+    return lambda model, x, y: attacks.pgd(model, x, y, eps, step_size, steps)
+
+
+def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0):
+    """{dataset: {clean, robust, n}} for the image encoder `encoder` (pixel space) and CLIP text tower `model`."""
+    results = {}
+    encoder.eval()
+    for name, ds in datasets.items():
+        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
+        results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name)
+    return results
+
+
+def sanity_checks(results, eps):
+    """Failed checks (RobustBench / Carlini et al. checklist) as short strings; empty when all pass."""
+    failed = []
+    for name, r in results.items():
+        if r["robust"] > r["clean"]:
+            failed.append(f"{name}: robust {r['robust']:.2f} > clean {r['clean']:.2f}")
+        if eps > 0 and r["perturbed"] == 0:
+            failed.append(f"{name}: the attack at eps {fmt_eps(eps)} returned the clean images (broken attack?)")
+        if eps == 0 and r["robust"] != r["clean"]:
+            failed.append(f"{name}: at eps 0 robust {r['robust']:.2f} != clean {r['clean']:.2f}")
+    return failed
+
+
+def average(results):
+    names = [n for n in results if not n.startswith("_")]
+    return {k: sum(results[n][k] for n in names) / max(len(names), 1) for k in ("clean", "robust")}
+
+
+def table(columns):
+    """Rows: datasets then the average; one clean and one robust column per entry of columns {label: results}."""
+    names = list(next(iter(columns.values())))
+    head = f"{'dataset':<16}" + "".join(f"{label + ' clean':>16}{label + ' robust':>16}" for label in columns)
+    lines = [head, "-" * len(head)]
+    for name in names + ["average"]:
+        cells = ""
+        for res in columns.values():
+            r = average(res) if name == "average" else res[name]
+            cells += f"{r['clean']:>16.2f}{r['robust']:>16.2f}"
+        lines.append(f"{name:<16}{cells}")
+    return "\n".join(lines)
+
+
+def report(run, model_name, attack_cfg, results, baseline=None):
+    """Print the table (baseline beside it when given) and write results.json into the output folder."""
+    failed = sanity_checks(results, attack_cfg["eps"])
+    columns = {"before": baseline, "after": results} if baseline else {"model": results}
+    run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
+            f"step {fmt_eps(attack_cfg['step_size'])}\n{table(columns)}")
+    for msg in failed:
+        run.log(f"SANITY CHECK FAILED: {msg}")
+    out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results),
+           "checks": {"passed": not failed, "failed": failed}}
+    if baseline:
+        out["baseline"] = {"results": baseline, "average": average(baseline)}
+    if run.main and run.out_dir:
+        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def eval_datasets(names, data_root, resolution, max_n=None):
+    return {n: eval_subset(data.load_dataset(n, data_root, resolution), max_n) for n in names}
+
+
+def final_evaluation(encoder, args, run):
+    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
+    model = clip.load(args.model, device=run.device)
+    step = args.eps / 4 if args.toy else 1 / 255
+    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
+    attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
+    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
+    baseline = None
+    if args.eval_baseline:
+        run.log("evaluating the pre-trained encoder")
+        baseline = evaluate(clip.ImageEncoder(model.visual), model, sets, attack, run, args.batch_size, args.workers)
+    run.log("evaluating the fine-tuned encoder")
+    results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers)
+    return report(run, args.model, cfg, results, baseline)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
+    add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
+    add("--checkpoint", help="image-encoder checkpoint written by one of the training scripts")
+    add("--datasets", help="comma-separated dataset names")
+    add("--data-root", help="folder holding the datasets")
+    add("--attack", default="pgd")
+    add("--eps", type=parse_eps)
+    add("--step-size", type=parse_eps)
+    add("--steps", type=int, default=20)
+    add("--max-per-dataset", type=int, help="evaluate a fixed, seeded subset of N images per dataset")
+    add("--batch-size", type=int, default=128)
+    add("--workers", type=int, default=4)
+    add("--out-dir", default="runs/eval")
+    add("--device", default="auto")
+    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add("--seed", type=int, default=0)
+    args = p.parse_args()
+    ckpt_model = None
+    if args.checkpoint:
+        ckpt = read_checkpoint(args.checkpoint)
+        ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
+    if args.eps is None:
+        args.eps = data.TOY_EPS if args.toy else 1 / 255
+    if args.step_size is None:
+        args.step_size = min(args.eps / 4 if args.toy else 1 / 255, args.eps)
+    check_attack_flags(args.eps, args.step_size, args.steps)
+    datasets = args.datasets or ",".join(data.TOY_HELDOUT if args.toy else data.ZERO_SHOT_SETS)
+    run = setup(args)
+    model = clip.load(args.model, device=run.device)
+    if args.checkpoint:
+        load_visual(model, args.checkpoint, args.model)
+    sets = eval_datasets(datasets.split(","), args.data_root, model.visual.input_resolution, args.max_per_dataset)
+    cfg = {"name": args.attack, "eps": args.eps, "step_size": args.step_size, "steps": args.steps}
+    attack = make_attack(args.attack, args.eps, args.step_size, args.steps)
+    results = evaluate(clip.ImageEncoder(model.visual), model, sets, attack, run, args.batch_size, args.workers)
+    report(run, args.checkpoint or args.model, cfg, results)
+
+
+if __name__ == "__main__":
+    cli(main)
