@@ -1,0 +1,25 @@
+"""nanoZSAR's CLIP: OpenAI's architecture and checkpoints, written small (model.py, tokenizer.py, loader.py).
+
+    model = clip.load("ViT-B/32")                       # eval mode, fp32
+    text = clip.encode_text(model, ["a photo of a dog"])  # [C, D], L2-normalised
+    classify = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), text)  # [0,1] images -> logits
+"""
+import torch
+import torch.nn.functional as F
+
+from .loader import CLIPError, available_models, load
+from .model import CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention
+from .tokenizer import tokenize
+
+__all__ = ["available_models", "load", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
+           "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention"]
+
+
+@torch.no_grad()
+def encode_text(model, prompts, batch_size=256):
+    """L2-normalised fp32 text features [C, D] of C prompts (too-long prompts are truncated)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = next(model.parameters()).device
+    features = [model.encode_text(tokenize(prompts[i:i + batch_size], model.context_length, truncate=True).to(device))
+                for i in range(0, len(prompts), batch_size)]
+    return F.normalize(torch.cat(features).float(), dim=-1)
