@@ -1,0 +1,124 @@
+"""The toy CLIP: a tiny CLIP (ViT image tower) pre-trained contrastively on the toy world of `data.py`.
+
+`clip.load("toy")` calls `load_toy()`: the weights are read from the cache, or pre-trained there on first use
+(a few minutes on 2 CPU cores, deterministic from the seed) and saved as a plain state dict with OpenAI's key
+names, so `build_model` loads it like any released checkpoint. Cache: $NANOZSAR_CACHE/toy_clip.pt, by default
+~/.cache/nanozsar/toy_clip.pt. Delete the file to pre-train again.
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .model import CLIP, build_model
+
+# ViT-B/32's architecture at toy scale: 32 px images, patch 8 (16 patches), a 64-wide 2-layer text tower over
+# the real BPE vocabulary (ids go up to 49407, so the embedding keeps all 49408 rows; unused rows never move).
+TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=128, vision_patch_size=8,
+                  context_length=24, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                  transformer_layers=2)
+TOY_STEPS, TOY_BATCH, TOY_LR, TOY_SEED = 1200, 128, 2e-3, 0
+TOY_POS_AMP = 0.3  # scale of the sin-cos initial positional embedding (see sincos_2d)
+
+
+def toy_cache_path():
+    return os.path.join(os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar")), "toy_clip.pt")
+
+
+def sincos_2d(grid, width, temperature=16.0):
+    """2D sin-cos positional table [1 + grid^2, width] (row 0, the class token, is zero).
+
+    CLIP's random positional init leaves a tiny ViT at chance on position for minutes; a sin-cos table makes
+    'left of' linearly readable from the start. At full amplitude it drowns the weak background textures, hence
+    the scale TOY_POS_AMP applied by the caller.
+    """
+    q = width // 4
+    omega = temperature ** (-torch.arange(q) / q)
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
+    ang_y, ang_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    table = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), table])
+
+
+def build_toy(seed=TOY_SEED, pos_amp=TOY_POS_AMP):
+    torch.manual_seed(seed)
+    model = CLIP(**TOY_CONFIG)
+    v = model.visual
+    with torch.no_grad():
+        v.positional_embedding.copy_(pos_amp * sincos_2d(v.input_resolution // v.conv1.kernel_size[0], v.conv1.out_channels))
+    return model
+
+
+class _Tokens:
+    """clip.tokenize with a cache: the caption grammar repeats itself, BPE is the slow part of a step."""
+
+    def __init__(self, context_length):
+        from .tokenizer import tokenize
+        self.tokenize, self.context_length, self.cache = tokenize, context_length, {}
+
+    def __call__(self, texts):
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            self.cache.update(zip(new, self.tokenize(new, context_length=self.context_length, truncate=True)))
+        return torch.stack([self.cache[t] for t in texts])
+
+
+def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TOY_SEED, pos_amp=TOY_POS_AMP,
+                 warmup=0.05, weight_decay=0.1, log_every_s=5.0, log=print):
+    """Symmetric InfoNCE on fresh caption batches every step; AdamW, linear warm-up then cosine to 0.
+
+    Saves the state dict (OpenAI key names) atomically to `path` and returns the model (eval mode).
+    """
+    from data import toy_caption_batch
+
+    model = build_toy(seed, pos_amp)
+    tokens = _Tokens(model.context_length)
+    no_decay = ("token_embedding", "positional_embedding", "class_embedding")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not any(k in n for k in no_decay)]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and not any(k in n for k in no_decay))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(batch_size)
+    t0 = last = time.time()
+    model.train()
+    for step in range(1, steps + 1):
+        images, captions = toy_caption_batch(batch_size, g)
+        logits, _ = model(_normalise(images), tokens(captions))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if time.time() - last >= log_every_s or step == steps:
+            last, el = time.time(), time.time() - t0
+            log(f"toy pre-training: step {step}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f}"
+                f" lr {sched.get_last_lr()[0]:.2e} {el:.0f}s elapsed, ETA {el / step * (steps - step):.0f}s")
+    model.eval()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model
+
+
+def _normalise(images):
+    from .model import MEAN, STD
+    return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def load_toy(device="cpu"):
+    """The pre-trained toy CLIP (eval mode, fp32), pre-training it into the cache on first use."""
+    path = toy_cache_path()
+    if not os.path.exists(path):
+        print(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on 2 CPU cores)", file=sys.stderr)
+        pretrain_toy(path, log=lambda s: print(s, file=sys.stderr))
+    return build_model(torch.load(path, map_location="cpu", weights_only=True)).to(device)
