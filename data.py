@@ -44,6 +44,11 @@ def image_folder(root, resolution, template="a photo of a {}."):
     return ds
 
 
+# the 15 zero-shot evaluation sets, in the AGFT paper's table order
+ZERO_SHOT_SETS = ["caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102",
+                  "food101", "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397"]
+
+
 def load_dataset(name, root, resolution, train=False):
     """The dataset called `name` (training split if train, else the evaluation split)."""
     if name == TOY_TRAIN or name in TOY_HELDOUT:
@@ -67,6 +72,8 @@ class EpochSampler(Sampler):
             raise ValueError(f"batch size {global_batch} is not divisible by the {world} processes")
         self.n, self.batch, self.rank, self.world, self.seed = n, global_batch // world, rank, world, seed
         self.steps_per_epoch = n // global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the training set has {n} images, fewer than one batch of {global_batch}")
         self.epoch, self.start = 0, 0
 
     def set_position(self, step):

@@ -151,6 +151,13 @@ class Run:
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 print(msg, file=f)
 
+    def ddp(self, module):
+        """The module wrapped for data parallelism under torchrun (gradients all-reduced in backward)."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def all_sum(self, values):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
@@ -220,7 +227,41 @@ def lr_at(step, total, warmup, lr):
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def set_lr(opt, step, total, args):
+    lr = lr_at(step, total, args.warmup_steps, args.lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+class TrainLog:
+    """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the loss curve."""
+
+    def __init__(self, args, run, train_set, total, step):
+        self.args, self.run, self.total, self.start = args, run, total, step
+        self.t0, self.history = time.time(), []
+        run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
+                f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
+                f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
+
+    def check_finite(self, step, loss, terms):
+        if self.run.all_sum([float(torch.isfinite(loss.detach()))])[0] < self.run.world:
+            raise UsageError(f"loss is {loss.item()} at step {step} ({fmt_terms(terms)}); stopped, the last good "
+                             f"checkpoint in {self.args.out_dir} is kept; try a lower --lr")
+
+    def step(self, step, loss, terms, lr):
+        if step % self.args.log_every and step != self.total:
+            return
+        loss = loss.item()
+        self.history.append((step, loss))
+        rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
+        self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
+                     f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
+
+    def close(self):
+        if self.run.main and self.run.out_dir:
+            with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
+                json.dump({"step_loss": self.history}, f)# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(path, obj):
@@ -244,6 +285,36 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+class Checkpoint:
+    """--out-dir/ckpt.pt: image encoder, optimizer, loss scaler and step, written atomically by rank 0."""
+
+    def __init__(self, args, run, model, opt, scaler):
+        self.path, self.args, self.run, self.model, self.opt, self.scaler = (
+            os.path.join(args.out_dir, "ckpt.pt"), args, run, model, opt, scaler)
+
+    def resume(self):
+        """The step to start from: the checkpoint's with --resume, else 0 (refusing to overwrite a run)."""
+        if not self.args.resume:
+            if os.path.isfile(self.path):
+                raise UsageError(f"{self.path} exists: pass --resume to continue that run, or choose another --out-dir")
+            return 0
+        if not os.path.isfile(self.path):
+            raise UsageError(f"--resume: no checkpoint at {self.path}; start without --resume")
+        ckpt = load_visual(self.model, self.path, self.args.model)
+        if ckpt.get("method") != self.args.method:
+            raise UsageError(f"{self.path} was written by {ckpt.get('method')}, not {self.args.method}")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.run.log(f"resuming {self.path} at step {ckpt['step']}")
+        return ckpt["step"]
+
+    def save(self, step):
+        if self.run.main:
+            save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),
+                                        "scaler": self.scaler.state_dict(), "step": step, "model": self.args.model,
+                                        "method": self.args.method, "args": vars(self.args)})
 
 
 def load_visual(model, path, model_name):

@@ -7,13 +7,10 @@ training classes' fixed text features T:  min_f E CE(s * cos(f(x_adv), T), y),  
     python tecoa.py --data-root /data                       # the paper: ViT-B/32, ImageNet-1k, eps 1/255, 10 epochs
     torchrun --standalone --nproc_per_node 8 tecoa.py --data-root /data
 """
-import os
-import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import attacks
 import clip
@@ -65,65 +62,39 @@ def main(argv=None):
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
-    if sampler.steps_per_epoch == 0:
-        raise evaluate.UsageError(f"{args.train_set} has {len(train_set)} images, fewer than one batch of {args.batch_size}")
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
-    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)
-    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise evaluate.UsageError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        ckpt = evaluate.load_visual(model, ckpt_path, args.model)
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        run.log(f"resuming from {ckpt_path} at step {step}")
-    elif os.path.isfile(ckpt_path):
-        raise evaluate.UsageError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out-dir")
+    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
+    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume()  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
-    f_train = DDP(f, device_ids=[run.device.index] if run.device.type == "cuda" else None) if run.world > 1 else f
-
-    def save():
-        if run.main:
-            evaluate.save_checkpoint(ckpt_path, {"visual": model.visual.state_dict(), "optimizer": opt.state_dict(),
-                                                 "scaler": scaler.state_dict(), "step": step, "model": args.model,
-                                                 "method": args.method, "args": vars(args)})
-
-    run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} classes), "
-            f"{total} steps of {args.batch_size}, eps {evaluate.fmt_eps(args.eps)}, {run.world} process(es) on {run.device}, {run.dtype}")
-    t0, seen = time.time(), 0
+    f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
+    log = evaluate.TrainLog(args, run, train_set, total, step)
     while step < total:
         sampler.set_position(step)
         for x, y in loader:
             torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.lr_at(step, total, args.warmup_steps, args.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = evaluate.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device), y.to(run.device)
-            encoder.eval()  # attack in eval mode, input gradient only
+            encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with run.attack_autocast():
                 x_adv = train_attack(f, x, y, m, args)
             encoder.train()
             with run.autocast():
                 loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            if not run.all_sum([float(torch.isfinite(loss))])[0] == run.world:
-                raise evaluate.UsageError(f"loss is {loss.item()} at step {step} ({evaluate.fmt_terms(terms)}); stopped, "
-                                          f"the last good checkpoint is kept in {args.out_dir}; try a lower --lr")
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            step, seen = step + 1, seen + args.batch_size
-            if step % args.log_every == 0 or step == total:
-                rate = seen / (time.time() - t0)
-                run.log(f"step {step}/{total} | loss {loss.item():.4f} ({evaluate.fmt_terms(terms)}) | lr {lr:.2e} | "
-                        f"{rate:.1f} img/s | ETA {evaluate.fmt_time((total - step) * args.batch_size / rate)}")
+            step += 1
+            log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                save()
+                ckpt.save(step)
             if step == total:
                 break
+    log.close()
     evaluate.final_evaluation(encoder, args, run)
 
 
