@@ -34,6 +34,11 @@ def setup_method(model, train_set, encoder, args, run):
     return SimpleNamespace(text=evaluate.text_head(model, train_set).to(run.device))
 
 
+def targets(x, y, m, args):
+    """What the attack and the loss aim at (computed once per batch, no grad): TeCoA uses the hard labels."""
+    return y
+
+
 def train_attack(f, x, y, m, args):
     """PGD on the training loss (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
     return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
@@ -78,6 +83,8 @@ def main(argv=None):
             lr = evaluate.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device), y.to(run.device)
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
+            with torch.no_grad(), run.autocast():
+                y = targets(x, y, m, args)
             with run.attack_autocast():
                 x_adv = train_attack(f, x, y, m, args)
             encoder.train()
