@@ -196,3 +196,28 @@ def test_toy_world_is_deterministic():
         ds = data.toy_dataset(task, 32, seed=1)
         assert "{}" in ds.template and max(int(ds[i][1]) for i in range(32)) < len(ds.classnames)
         assert not set(ds.classnames) & set(data.toy_dataset(data.TOY_TRAIN, 1, seed=0).classnames)
+
+
+# ----------------------------------------------------------------------------- DDP on CPU (gloo)
+
+
+def test_ddp_two_processes_end_identical(tiny_ckpt, tiny_folder, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(f"""import os, sys, torch
+sys.path.insert(0, {ROOT!r})
+import evaluate, tecoa
+final = evaluate.final_evaluation
+def save_weights_then_evaluate(encoder, args, run):  # every rank writes its own weights
+    torch.save(encoder.visual.state_dict(), os.path.join(args.out_dir, f"weights_rank{{run.rank}}.pt"))
+    return final(encoder, args, run)
+evaluate.final_evaluation = save_weights_then_evaluate
+tecoa.main(sys.argv[1:])
+""")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *tecoa_args(tiny_ckpt, tiny_folder, out, "--no-eval-baseline")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    weights = [torch.load(out / f"weights_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
