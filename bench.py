@@ -1,0 +1,193 @@
+"""Speed of one training step of each method, and of PGD-20 evaluation, on synthetic data (random weights).
+
+    python bench.py --device cpu --model toy
+    python bench.py --device cpu --model ViT-B/32 --batch-size 8
+    python bench.py --model ViT-B/32 --batch-size 256                    # CUDA, bf16 autocast
+    python bench.py --model ViT-B/32 --batch-size 256 --compile --method agft
+
+Each step is exactly the loop body of the training scripts (targets, attack, loss, backward, SGD step). Warm-up
+steps are not timed. Passes count calls of the image encoder: the training attack's, and the ones after it
+(the AGFT paper's Table 10 counts the latter).
+"""
+import argparse
+import importlib
+import resource
+import time
+from types import SimpleNamespace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+import attacks
+import clip
+import evaluate
+
+METHODS = ["tecoa", "pmg_aft", "tga_zsr", "comp_tga", "saft", "agft"]
+# OpenAI's architectures (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+# context_length, vocab_size, transformer_width, transformer_heads, transformer_layers), built with random weights
+CONFIGS = {
+    "ViT-B/32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+    "ViT-B/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+    "ViT-L/14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12),
+    "RN50": (1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12),
+}
+BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}  # dense
+
+
+class PassCounter:
+    """Counts forward calls of the image encoder, and the backward passes that reach its output."""
+
+    def __init__(self, visual):
+        self.forward = self.backward = 0
+        visual.register_forward_hook(self.hook)
+
+    def hook(self, module, inputs, output):
+        self.forward += 1
+        if output.requires_grad:
+            output.register_hook(self.count_backward)
+
+    def count_backward(self, grad):
+        self.backward += 1
+
+    def take(self):
+        counts = (self.forward, self.backward)
+        self.forward = self.backward = 0
+        return counts
+
+
+class FlopCount(TorchDispatchMode):
+    """Matrix-multiply and convolution FLOPs of every op run inside it (torch's own per-op formulas).
+
+    torch's FlopCounterMode tracks modules with hooks that torch.autograd.grad (used by the attacks) rejects.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        count = flop_registry.get(func._overloadpacket)
+        if count:
+            self.total += count(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+def build(name, device):
+    if name == "toy":
+        from clip.toy import TOY_CONFIG
+        return clip.CLIP(**TOY_CONFIG).to(device).eval()
+    if name not in CONFIGS:
+        raise evaluate.UsageError(f"unknown --model {name} (known: toy, {', '.join(CONFIGS)})")
+    return clip.CLIP(*CONFIGS[name]).to(device).eval()
+
+
+def peak_tflops(device):
+    if device.type != "cuda":
+        return None
+    gpu = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), None)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process peak RSS (KiB -> GiB)
+
+
+def bench_method(method, args, run):
+    mod = importlib.import_module(method)
+    margs = mod.get_args((["--toy"] if args.model == "toy" else []) + ["--batch-size", str(args.batch_size)])
+    model = build(args.model, run.device)
+    encoder = clip.ImageEncoder(model.visual).to(run.device)
+    counter = PassCounter(model.visual)
+    train_set = SimpleNamespace(classnames=[f"class {i}" for i in range(args.classes)], template="a photo of a {}.")
+    m = mod.setup_method(model, train_set, encoder, margs, run)
+    f = torch.compile(encoder) if args.compile else encoder
+    opt = torch.optim.SGD(encoder.parameters(), lr=1e-6, momentum=0.9)
+    r = model.visual.input_resolution
+    x = torch.rand(args.batch_size, 3, r, r, device=run.device)
+    y = torch.randint(args.classes, (args.batch_size,), device=run.device)
+
+    def step():  # the training scripts' loop body
+        encoder.eval()
+        with torch.no_grad(), run.autocast():
+            t = mod.targets(x, y, m, margs)
+        with run.attack_autocast():
+            x_adv = mod.train_attack(f, x, t, m, margs)
+        attack_passes = counter.take()
+        encoder.train()
+        with run.autocast():
+            loss, _ = mod.loss_fn(f, x, x_adv, t, m, margs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return attack_passes, counter.take()
+
+    for _ in range(args.warmup):
+        step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+        torch.cuda.reset_peak_memory_stats(run.device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        attack_passes, passes = step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    ms = 1000 * (time.perf_counter() - t0) / args.steps
+    with FlopCount() as flops:
+        step()
+    tflops = flops.total / 1e12 / (ms / 1000)
+    return {"method": method, "ms/step": ms, "img/s": args.batch_size / (ms / 1000), "peak GiB": peak_memory_gib(run.device),
+            "fwd/bwd after attack": f"{passes[0]}/{passes[1]}", "attack fwd/bwd": f"{attack_passes[0]}/{attack_passes[1]}",
+            "TFLOP/s": tflops}
+
+
+def bench_eval(args, run):
+    """PGD-20 (step 1/255) evaluation throughput on one batch."""
+    model = build(args.model, run.device)
+    text = torch.nn.functional.normalize(torch.randn(args.classes, model.text_projection.shape[1], device=run.device), dim=-1)
+    classifier = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual).to(run.device), text)
+    r = model.visual.input_resolution
+    x = torch.rand(args.batch_size, 3, r, r, device=run.device)
+    y = torch.randint(args.classes, (args.batch_size,), device=run.device)
+    with run.attack_autocast():
+        attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 2)  # warm-up
+        t0 = time.perf_counter()
+        attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 20)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return args.batch_size / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B/32", help=f"toy | {' | '.join(CONFIGS)}")
+    p.add_argument("--method", choices=METHODS, help="one method (default: all six)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--classes", type=int, default=100, help="classes of the synthetic training set")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    args.seed, args.out_dir = 0, None
+    run = evaluate.setup(args)
+    peak = peak_tflops(run.device)
+    rows = [bench_method(mth, args, run) for mth in ([args.method] if args.method else METHODS)]
+    print(f"\n{args.model}, batch {args.batch_size}, {run.device} ({torch.cuda.get_device_name(run.device) if run.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{str(run.dtype).replace('torch.', '')}{', compiled' if args.compile else ''}; training attack PGD-2")
+    cols = ["method", "ms/step", "img/s", "peak GiB", "attack fwd/bwd", "fwd/bwd after attack", "TFLOP/s"]
+    print("| " + " | ".join(cols) + (" | % of bf16 peak |" if peak else " |"))
+    print("|" + "---|" * (len(cols) + bool(peak)))
+    for r in rows:
+        cells = [r["method"], f"{r['ms/step']:.1f}", f"{r['img/s']:.1f}", f"{r['peak GiB']:.2f}", r["attack fwd/bwd"],
+                 r["fwd/bwd after attack"], f"{r['TFLOP/s']:.2f}"] + ([f"{100 * r['TFLOP/s'] / peak:.1f}"] if peak else [])
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nPGD-20 evaluation: {bench_eval(args, run):.1f} img/s")
+
+
+if __name__ == "__main__":
+    evaluate.cli(main)
