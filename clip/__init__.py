@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from .loader import CLIPError, available_models, load
-from .model import CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention
+from .model import (CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention,
+                    complementary_attention)
 from .tokenizer import tokenize
 
 __all__ = ["available_models", "load", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
-           "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention"]
+           "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention",
+           "complementary_attention"]
 
 
 @torch.no_grad()

@@ -303,6 +303,7 @@ def text_guided_attention(tokens, text, size):
     ground-truth class text feature. Each channel is divided by its L2 norm over the token axis (CLS included,
     as the official code does), the P patch tokens are scored by their dot product with t, min-max normalised
     per image, reshaped row-major to sqrt(P) x sqrt(P), and upsampled bilinearly to `size`.
+    The paper (Comp-TGA Eq. 6) resizes before normalising and names no channel normalisation; this is the code's order.
     """
     tokens = tokens.float()
     tokens = tokens / tokens.norm(dim=1, keepdim=True)
@@ -312,3 +313,13 @@ def text_guided_attention(tokens, text, size):
     g = round(scores.shape[1] ** 0.5)
     maps = F.interpolate(scores.view(-1, 1, g, g), size=size, mode="bilinear", align_corners=False)
     return maps[:, 0]
+
+
+def complementary_attention(tokens, text_cls, text_non, size):
+    """Comp-TGA's complementary map A_cls * (1 - A_non) (Comp-TGA Eq. 6-8), shape [B, H, W] in [0,1].
+
+    text_cls, text_non: [B, D] features of each sample's class prompt ("This is a photo of a {c}") and non-class
+    prompt ("This is not a photo of a {c}"). Both maps come from the same tokens (one encoder forward), each
+    min-max normalised and upsampled on its own; the product is not renormalised.
+    """
+    return text_guided_attention(tokens, text_cls, size) * (1 - text_guided_attention(tokens, text_non, size))
