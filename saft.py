@@ -1,0 +1,227 @@
+"""SAFT: semantic-aware adversarial fine-tuning for CLIP (Zhang, Li, Huang, Erfani, Rubinstein, Liu; TMLR).
+
+TGA-ZSR (tga_zsr.py) with K text heads instead of one prompt per class: head W_k holds the k-th most relevant
+description of every class, the descriptions (an LLM's, --descriptions) ranked by their CLIP text similarity to
+the bare class name (hallucination-aware filtering, Eq. 2-3). Attack and loss average the cross-entropy over heads:
+    L = mean_k CE(s * cos(f(x_adv), W_k), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
+where the attention maps A use, for each sample, the mean over k of W_k[y]; x_adv = PGD on mean_k CE (semantic-ensemble
+attack). Without --descriptions, an ensemble of hand-written templates stands in (and the script says so).
+
+    python saft.py --toy                                    # offline toy world (its own descriptions), a few minutes
+    python saft.py --data-root /data --descriptions prompts/cupl.json   # the paper: ViT-B/32, TinyImageNet, K = 5
+    torchrun --standalone --nproc_per_node 8 saft.py --data-root /data --descriptions prompts/cupl.json
+"""
+import copy
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import attacks
+import clip
+import data
+import evaluate
+
+PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. 5.1
+TOY = dict(lr=1e-4, max_steps=300)
+SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+# Without a descriptions file: an ensemble of plain templates (written here), the first K of them.
+TEMPLATES = ["a photo of a {}.", "an image of a {}.", "a picture of a {}.", "This is a photo of a {}.",
+             "a close-up photo of a {}.", "a photo of the {}.", "a cropped photo of a {}.", "a bright photo of a {}."]
+
+
+def add_method_args(p):
+    p.add_argument("--descriptions", metavar="PATH", help="JSON: class name -> descriptions (SAFT's prompts/*.json)")
+    p.add_argument("--k", type=int, default=5, help="descriptions kept per class, i.e. text heads")
+    p.add_argument("--alpha", type=float, default=0.08, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=float, default=0.05, help="weight of the attention constraint term (clean)")
+
+
+def read_descriptions(path):
+    """The descriptions file as {class name: [description, ...]}; anything else is a one-line UsageError."""
+    try:
+        with open(path) as f:
+            desc = json.load(f)
+    except OSError as e:
+        raise evaluate.UsageError(f"--descriptions {path}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise evaluate.UsageError(f"--descriptions {path} is not valid JSON ({e})") from None
+    if not isinstance(desc, dict) or not all(isinstance(v, list) and all(isinstance(d, str) for d in v)
+                                             for v in desc.values()):
+        raise evaluate.UsageError(f"--descriptions {path}: expected a JSON object mapping each class name to a list of "
+                                  "description strings (the format of SAFT's prompts/*.json)")
+    return desc
+
+
+def normalise(name):
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def select_descriptions(model, classnames, prompts, desc, k):
+    """Each class's top-k descriptions, most relevant first (Eq. 2-3), and the names of the classes that fell back.
+
+    Names match after normalising both sides (lower case, '_' and '-' as spaces). Relevance is the cosine between
+    a description's text feature and the bare class name's (no template). A class with no match or fewer than k
+    descriptions gets its template prompt k times."""
+    # the official code matches case-sensitively with a raw substring fallback and ranks against the JSON key
+    table = {}
+    for key, texts in desc.items():
+        table.setdefault(normalise(key), texts)
+    found = [table.get(normalise(name), []) for name in classnames]
+    ranked = [c for c in found if len(c) >= k]
+    feats = clip.encode_text(model, [d for c in ranked for d in c]) if ranked else None
+    names = clip.encode_text(model, classnames)
+    chosen, fell, i = [], [], 0
+    for name, name_feat, cands, prompt in zip(classnames, names, found, prompts):
+        if len(cands) < k:
+            chosen.append([prompt] * k)
+            fell.append(name)
+            continue
+        score = feats[i:i + len(cands)] @ name_feat
+        i += len(cands)
+        chosen.append([cands[j] for j in score.sort(descending=True, stable=True).indices[:k].tolist()])
+    return chosen, fell
+
+
+def setup_method(model, train_set, encoder, args, run):
+    """The K text heads W [K, C, D] (W_k: the k-th ranked description of every class), their mean per class for the
+    attention maps, and the frozen pre-trained encoder f0."""
+    if not isinstance(model.visual, clip.model.VisionTransformer):
+        raise evaluate.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
+                                  f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
+    if args.k < 1:
+        raise evaluate.UsageError(f"--k must be at least 1, got {args.k}")
+    names, prompts = train_set.classnames, data.prompts(train_set)
+    if args.descriptions is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
+        desc, args.descriptions = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
+        if run.main:
+            with open(args.descriptions, "w") as f:
+                json.dump(desc, f, indent=1)
+    else:
+        desc = read_descriptions(args.descriptions) if args.descriptions else None
+    if desc is None:
+        if args.k > len(TEMPLATES):
+            raise evaluate.UsageError(f"--k {args.k}: without --descriptions SAFT has only {len(TEMPLATES)} templates")
+        run.log(f"{args.method}: no --descriptions file, so no LLM descriptions: the {args.k} text heads are "
+                f"{args.k} hand-written templates ({', '.join(TEMPLATES[:args.k])})")
+        chosen = [[t.format(n) for t in TEMPLATES[:args.k]] for n in names]
+    else:
+        chosen, fell = select_descriptions(model, names, prompts, desc, args.k)
+        run.log(f"{args.method}: top {args.k} descriptions per class from {args.descriptions}; {len(fell)} of "
+                f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to their template prompt"
+                + (f": {', '.join(fell[:8])}{', ...' if len(fell) > 8 else ''}" if fell else ""))
+    heads = torch.stack([clip.encode_text(model, [c[k] for c in chosen]) for k in range(args.k)]).to(run.device)
+    f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
+    return SimpleNamespace(heads=heads, text=heads.mean(0), chosen=chosen, f0=f0)
+
+
+def targets(x, y, m, args):
+    """The hard labels, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
+    return y, attention(m.f0(x, all_tokens=True), y, x, m)
+
+
+def attention(tokens, y, x, m):
+    """A(x, t_y) with t_y the mean over k of W_k[y] (the official code's mean of the K maps' scores: the same)."""
+    return clip.text_guided_attention(tokens, m.text[y], x.shape[-2:])
+
+
+def map_distance(a, b):
+    """||a - b||_2 over the flattened H*W map (unsquared), per sample, averaged over the batch."""
+    return (a - b).flatten(1).norm(dim=1).mean()
+
+
+def head_logits(features, m):
+    """s * cos(f(x), W_k) for every head: [B, K, C]."""
+    return clip.cosine_logits(features, m.heads.flatten(0, 1), SCALE).unflatten(1, m.heads.shape[:2])
+
+
+def ensemble_ce(logits, y):
+    """mean over heads k and the batch of CE(logits[:, k], y)."""
+    return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]))
+
+
+def train_attack(f, x, y, m, args):
+    """Semantic-ensemble PGD on mean_k CE (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
+    y, _ = y
+    # paper Eq. 4 ascends the mean cosine to the true class's descriptions; the official code (and SPEC) the K-head CE
+    return attacks.pgd(lambda x: head_logits(f(x), m), x, y, args.eps, args.step_size, args.attack_steps,
+                       loss_fn=ensemble_ce)
+
+
+def loss_fn(f, x, x_adv, y, m, args):
+    """SAFT's loss as run (Sec. 5.1: TGA-ZSR's loss): mean_k CE + alpha * refinement + beta * constraint.
+
+    Paper Eq. 5 minimises the mean cosine dissimilarity instead; the official code (and SPEC) train this one."""
+    y, a0 = y
+    tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
+    ce = ensemble_ce(head_logits(tokens[:, 0], m), y)
+    refine = map_distance(attention(tokens, y, x, m), a0)
+    constrain = map_distance(attention(f(x, all_tokens=True), y, x, m), a0)
+    loss = ce + args.alpha * refine + args.beta * constrain
+    return loss, {"ce": ce.detach(), "refine": refine.detach(), "constrain": constrain.detach()}
+
+
+# ----------------------------------------------------------------------------- the shared skeleton
+
+
+def get_args(argv=None):
+    p = evaluate.training_parser(__doc__)
+    add_method_args(p)
+    return evaluate.finish_args(p.parse_args(argv), "saft", PAPER, TOY)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = evaluate.setup(args)
+    model = clip.load(args.model, device=run.device)
+    encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    m = setup_method(model, train_set, encoder, args, run)
+    sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
+    loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
+    total = args.max_steps or args.epochs * sampler.steps_per_epoch
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
+    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume()  # 0 for a new run
+    f = torch.compile(encoder) if args.compile else encoder
+    f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
+    log = evaluate.TrainLog(args, run, train_set, total, step)
+    while step < total:
+        sampler.set_position(step)
+        for x, y in loader:
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
+            lr = evaluate.set_lr(opt, step, total, args)
+            x, y = data.to_device(x, run.device), y.to(run.device)
+            encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
+            with torch.no_grad(), run.autocast():
+                y = targets(x, y, m, args)
+            with run.attack_autocast():
+                x_adv = train_attack(f, x, y, m, args)
+            encoder.train()
+            with run.autocast():
+                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            log.step(step, loss, terms, lr)
+            if step % args.save_every == 0 or step == total:
+                ckpt.save(step)
+            if step == total:
+                break
+    log.close()
+    evaluate.final_evaluation(encoder, args, run)
+
+
+if __name__ == "__main__":
+    evaluate.cli(main)
