@@ -6,8 +6,8 @@
     python bench.py --model ViT-B/32 --batch-size 256 --compile --method agft
 
 Each step is exactly the loop body of the training scripts (targets, attack, loss, backward, SGD step). Warm-up
-steps are not timed. Passes count calls of the image encoder: the training attack's, and the ones after it
-(the AGFT paper's Table 10 counts the latter).
+steps are not timed. Passes count image-encoder passes over the batch (fine-tuned and frozen): the training
+attack's, and all others (per-batch targets and the loss), which the AGFT paper's Table 10 counts.
 """
 import argparse
 import importlib
@@ -36,19 +36,21 @@ BF16_PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "A10": 1
 
 
 class PassCounter:
-    """Counts forward calls of the image encoder, and the backward passes that reach its output."""
+    """Counts passes of image encoders over a batch: a call on 2B images (two inputs fused) counts as 2."""
 
-    def __init__(self, visual):
-        self.forward = self.backward = 0
-        visual.register_forward_hook(self.hook)
+    def __init__(self, batch_size, *visuals):
+        self.batch_size, self.forward, self.backward = batch_size, 0, 0
+        for visual in visuals:
+            visual.register_forward_hook(self.hook)
 
     def hook(self, module, inputs, output):
-        self.forward += 1
+        passes = output.shape[0] / self.batch_size
+        self.forward += passes
         if output.requires_grad:
-            output.register_hook(self.count_backward)
+            output.register_hook(lambda grad: self.count_backward(passes))
 
-    def count_backward(self, grad):
-        self.backward += 1
+    def count_backward(self, passes):
+        self.backward += passes
 
     def take(self):
         counts = (self.forward, self.backward)
@@ -101,9 +103,9 @@ def bench_method(method, args, run):
     margs = mod.get_args((["--toy"] if args.model == "toy" else []) + ["--batch-size", str(args.batch_size)])
     model = build(args.model, run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)
-    counter = PassCounter(model.visual)
     train_set = SimpleNamespace(classnames=[f"class {i}" for i in range(args.classes)], template="a photo of a {}.")
     m = mod.setup_method(model, train_set, encoder, margs, run)
+    counter = PassCounter(args.batch_size, model.visual, *([m.f0.visual] if hasattr(m, "f0") else []))
     f = torch.compile(encoder) if args.compile else encoder
     opt = torch.optim.SGD(encoder.parameters(), lr=1e-6, momentum=0.9)
     r = model.visual.input_resolution
@@ -114,6 +116,7 @@ def bench_method(method, args, run):
         encoder.eval()
         with torch.no_grad(), run.autocast():
             t = mod.targets(x, y, m, margs)
+        target_passes = counter.take()
         with run.attack_autocast():
             x_adv = mod.train_attack(f, x, t, m, margs)
         attack_passes = counter.take()
@@ -123,7 +126,8 @@ def bench_method(method, args, run):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return attack_passes, counter.take()
+        loss_passes = counter.take()
+        return attack_passes, (target_passes[0] + loss_passes[0], target_passes[1] + loss_passes[1])
 
     for _ in range(args.warmup):
         step()
@@ -140,7 +144,7 @@ def bench_method(method, args, run):
         step()
     tflops = flops.total / 1e12 / (ms / 1000)
     return {"method": method, "ms/step": ms, "img/s": args.batch_size / (ms / 1000), "peak GiB": peak_memory_gib(run.device),
-            "fwd/bwd after attack": f"{passes[0]}/{passes[1]}", "attack fwd/bwd": f"{attack_passes[0]}/{attack_passes[1]}",
+            "fwd/bwd after attack": f"{passes[0]:g}/{passes[1]:g}", "attack fwd/bwd": f"{attack_passes[0]:g}/{attack_passes[1]:g}",
             "TFLOP/s": tflops}
 
 
