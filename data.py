@@ -28,36 +28,24 @@ def image_transform(resolution):
     """Resize the shorter side (bicubic), centre-crop to the model resolution, to a [0,1] tensor (SPEC 1.6)."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
-                      T.Lambda(lambda im: im.convert("RGB")), T.ToTensor()])
+                      T.Lambda(_rgb), T.ToTensor()])
 
 
-def image_folder(root, resolution, template="a photo of a {}."):
+def _rgb(img):
+    return img.convert("RGB")
+
+
+def image_folder(root, resolution, template="a photo of a {}.", transform=None):
     """Any `root/<class>/<image>` tree; class names are the folder names with '_' read as spaces."""
     from torchvision.datasets import ImageFolder
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root} (expected {root}/<class name>/<images>)")
     try:
-        ds = ImageFolder(root, transform=image_transform(resolution))
+        ds = ImageFolder(root, transform=transform or image_transform(resolution))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root} is not an image folder (expected {root}/<class name>/<images>): {e}") from None
     ds.classnames, ds.template = [c.replace("_", " ") for c in ds.classes], template
     return ds
-
-
-# the 15 zero-shot evaluation sets, in the AGFT paper's table order
-ZERO_SHOT_SETS = ["caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102",
-                  "food101", "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397"]
-
-
-def load_dataset(name, root, resolution, train=False):
-    """The dataset called `name` (training split if train, else the evaluation split)."""
-    if name == TOY_TRAIN or name in TOY_HELDOUT:
-        return toy_dataset(name, TOY_TRAIN_SIZE if train else TOY_EVAL_SIZE, seed=TOY_TRAIN_SEED if train else TOY_EVAL_SEED)
-    if name == "imagefolder":
-        if root is None:
-            raise DataError("--train-set imagefolder needs --data-root DIR (a DIR/<class name>/<images> tree)")
-        return image_folder(root, resolution)
-    raise DataError(f"unknown dataset '{name}' (known: imagefolder, {TOY_TRAIN}, {', '.join(TOY_HELDOUT)})")
 
 
 class EpochSampler(Sampler):
@@ -91,6 +79,437 @@ class EpochSampler(Sampler):
 def make_loader(dataset, batch_size, sampler=None, workers=0, pin=False):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0, drop_last=False)
+
+
+# --- the real datasets ---
+# Each set lives in a fixed folder under --data-root, in the layout torchvision's class for it expects (or the layout
+# of the official archive where torchvision has no class), and is read from there as it is: nothing is moved or
+# rewritten. Split, prompt template and class names follow the AGFT paper's code (notes/spec_eval.md 1.1 and 1.3);
+# where TeCoA / PMG-AFT / TGA-ZSR / SAFT differ, a comment says how. Preprocessing (SPEC 1.2): CIFAR-10/100 and
+# STL-10 stay at their native 32 / 96 px (uint8 tensors; the model upsamples after the attack) unless resize_small
+# (evaluate.py --resize-before-attack); every other set is resized (shorter side) and centre-cropped to the model
+# resolution in the pipeline, so small images such as EuroSAT, PCAM and TinyImageNet are upsampled before the attack.
+
+ZERO_SHOT_SETS = ["caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102",
+                  "food101", "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397"]  # AGFT's order
+EXTRA_SETS = ["tinyimagenet", "country211", "imagenet-r", "imagenet-sketch"]
+TRAIN_SETS = ["imagenet", "tinyimagenet", "cifar10", "cifar100"]
+SMALL_SETS = {"cifar10", "cifar100", "stl10"}  # fed at native resolution unless resize_small
+
+# name: (folder under --data-root, what it holds, template, how --download does). "" = cannot be downloaded.
+TV = "--download fetches it with torchvision"
+SETS = {
+    "caltech101": ("caltech101", "101_ObjectCategories/<category>/image_NNNN.jpg", "A photo of a {}.",
+                   TV + ", though releases before pytorch/vision#9205 use dead Google Drive links"),
+    "caltech256": ("caltech256", "256_ObjectCategories/NNN.<category>/NNN_NNNN.jpg", "A photo of a {}.",
+                   TV + ", though releases before pytorch/vision#9205 use dead Google Drive links"),
+    "cifar10": ("cifar-10-batches-py", "the CIFAR-10 python pickles batches.meta, data_batch_1..5, test_batch",
+                "This is a photo of a {}.", TV),
+    "cifar100": ("cifar-100-python", "the CIFAR-100 python pickles meta, train, test", "This is a photo of a {}.", TV),
+    "dtd": ("dtd/dtd", "images/<texture>/*.jpg and labels/test1.txt", "A surface with a {} texture.", TV),
+    "eurosat": ("eurosat/2750", "the 10 class folders AnnualCrop/ .. SeaLake/ of the RGB release",
+                "A centered satellite photo of {}.", TV),
+    "fgvc_aircraft": ("fgvc-aircraft-2013b/data", "variants.txt, images_variant_test.txt and images/*.jpg",
+                      "A photo of a {}, a type of aircraft.", TV),
+    "flowers102": ("flowers-102", "jpg/image_NNNNN.jpg, imagelabels.mat and setid.mat",
+                   "A photo of a {}, a type of flower.", TV),
+    "food101": ("food-101", "meta/test.json and images/<dish>/*.jpg", "A photo of {}, a type of food.", TV),
+    "imagenet": ("imagenet", "the 1000 ILSVRC-2012 wnid folders val/<wnid>/*.JPEG (train/<wnid>/ for training)",
+                 "This is a photo of a {}.", ""),
+    "oxford_pets": ("oxford-iiit-pet", "images/*.jpg and annotations/test.txt", "A photo of a {}, a type of pet.", TV),
+    "pcam": ("pcam", "camelyonpatch_level_2_split_test_x.h5 and _y.h5, read with h5py", "{}",
+             TV + " and gdown, though Google Drive quotas often break it"),
+    "stanford_cars": ("stanford_cars", "devkit/cars_meta.mat, cars_test_annos_withlabels.mat and cars_test/*.jpg, "
+                      "read with scipy", "A photo of a {}.", ""),
+    "stl10": ("stl10_binary", "test_X.bin, test_y.bin and class_names.txt", "This is a photo of a {}.", TV),
+    "sun397": ("SUN397", "ClassName.txt and <letter>/<category>/sun_*.jpg", "This is a photo of a {}.",
+               "--download tries torchvision's URL, reported dead in pytorch/vision#9348"),
+    "tinyimagenet": ("tiny-imagenet-200", "the official zip as it is: wnids.txt, words.txt, "
+                     "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt",
+                     "This is a photo of a {}.", ""),
+    "country211": ("country211", "test/<ISO country code>/*.jpg", "A photo I took in {}.", TV),
+    "imagenet-r": ("imagenet-r", "<wnid>/*.jpg, 200 wnid folders", "This is a photo of a {}.", ""),
+    "imagenet-sketch": ("sketch", "<wnid>/*.JPEG, the 1000 wnid folders", "This is a photo of a {}.", ""),
+}
+# What must exist (relative to the set's folder) before a set counts as present; training splits in REQUIRED_TRAIN.
+REQUIRED = {"cifar10": ["test_batch"], "cifar100": ["test"], "dtd": ["labels", "images"],
+            "fgvc_aircraft": ["variants.txt", "images"], "flowers102": ["jpg", "imagelabels.mat", "setid.mat"],
+            "food101": ["meta", "images"], "imagenet": ["val"], "oxford_pets": ["images", "annotations"],
+            "pcam": ["camelyonpatch_level_2_split_test_x.h5", "camelyonpatch_level_2_split_test_y.h5"],
+            "stanford_cars": ["devkit/cars_meta.mat", "cars_test_annos_withlabels.mat", "cars_test"],
+            "stl10": ["test_X.bin", "test_y.bin"], "sun397": ["ClassName.txt"], "country211": ["test"],
+            "caltech101": ["101_ObjectCategories"], "caltech256": ["256_ObjectCategories"],
+            "tinyimagenet": ["words.txt", "val/val_annotations.txt", "val/images"]}
+REQUIRED_TRAIN = {"imagenet": ["train"], "tinyimagenet": ["wnids.txt", "words.txt", "train"],
+                  "cifar10": ["data_batch_1"], "cifar100": ["train"]}
+
+EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+                   "Residential", "River", "SeaLake"]
+EUROSAT_NAMES = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
+                 "industrial buildings", "pasture land", "permanent crop land", "residential buildings", "a river",
+                 "a sea or a lake"]  # AGFT and TeCoA/PMG/TGA/SAFT alike
+# The 102 Oxford flowers in label order (label 1 first), as usually written. AGFT reads "-" as a space and drops "?"
+# and "'" (flowers_agft); TeCoA/PMG/TGA/SAFT read "-" as a space but keep the "?". AGFT's "cyclamen " and
+# "hippeastrum " carry a trailing space into the prompt; kept, so the prompts are AGFT's to the character.
+FLOWERS = (
+    "pink primrose|hard-leaved pocket orchid|canterbury bells|sweet pea|english marigold|tiger lily|moon orchid|"
+    "bird of paradise|monkshood|globe thistle|snapdragon|colt's foot|king protea|spear thistle|yellow iris|"
+    "globe-flower|purple coneflower|peruvian lily|balloon flower|giant white arum lily|fire lily|pincushion flower|"
+    "fritillary|red ginger|grape hyacinth|corn poppy|prince of wales feathers|stemless gentian|artichoke|"
+    "sweet william|carnation|garden phlox|love in the mist|mexican aster|alpine sea holly|ruby-lipped cattleya|"
+    "cape flower|great masterwort|siam tulip|lenten rose|barbeton daisy|daffodil|sword lily|poinsettia|"
+    "bolero deep blue|wallflower|marigold|buttercup|oxeye daisy|common dandelion|petunia|wild pansy|primula|"
+    "sunflower|pelargonium|bishop of llandaff|gaura|geranium|orange dahlia|pink-yellow dahlia?|cautleya spicata|"
+    "japanese anemone|black-eyed susan|silverbush|californian poppy|osteospermum|spring crocus|bearded iris|"
+    "windflower|tree poppy|gazania|azalea|water lily|rose|thorn apple|morning glory|passion flower|lotus|toad lily|"
+    "anthurium|frangipani|clematis|hibiscus|columbine|desert-rose|tree mallow|magnolia|cyclamen |watercress|"
+    "canna lily|hippeastrum |bee balm|ball moss|foxglove|bougainvillea|camellia|mallow|mexican petunia|bromelia|"
+    "blanket flower|trumpet creeper|blackberry lily").split("|")
+
+
+def flowers_agft():
+    """The Flowers102 class names as AGFT writes them."""
+    return [n.replace("-", " ").replace("?", "").replace("'", "") for n in FLOWERS]
+
+
+def refine(name):
+    """AGFT's class-name rule: lower case, '_', '-' and '/' read as spaces (TeCoA/PMG/TGA/SAFT: the same, no strip)."""
+    return name.lower().replace("_", " ").replace("-", " ").replace("/", " ").strip()
+
+
+def imagenet_classnames():
+    """The 1000 ImageNet names in sorted-wnid order as AGFT writes them: torchvision's short Keras-style names with
+    '-' read as a space, case kept. torchvision tells the two homonym pairs apart ("crane bird", "maillot tank suit");
+    AGFT's names file does not, so neither do we. TeCoA/PMG/TGA/SAFT lowercase the same names; FARE uses OpenAI's
+    curated names with 80 templates."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    names = [n.replace("-", " ") for n in _IMAGENET_CATEGORIES]
+    names[134], names[639] = "crane", "maillot"
+    return names
+
+
+def _subfolders(path):
+    return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+
+
+def wordnet_first_lemmas(words_txt, wnids):
+    """wnid -> first lemma of its synset from a words.txt ("n01443537<TAB>goldfish, Carassius auratus"), '-' read as
+    a space: for ILSVRC synsets this is the Keras-style name AGFT uses."""
+    wanted, names = set(wnids), {}
+    with open(words_txt, encoding="utf-8") as f:
+        for line in f:
+            wnid, _, lemmas = line.rstrip("\n").partition("\t")
+            if wnid in wanted:
+                names[wnid] = lemmas.split(",")[0].strip().replace("-", " ")
+    return names
+
+
+def imagenet_names_for(wnids, root, name):
+    """ImageNet class names of some wnids: by index among the 1000 wnid folders of an ImageNet copy under root, else
+    from TinyImageNet's words.txt (which covers every WordNet noun)."""
+    for sub in ("imagenet/val", "imagenet/train", SETS["imagenet-sketch"][0]):
+        all_wnids = _subfolders(os.path.join(root, sub))
+        if len(all_wnids) == 1000:
+            by_wnid = dict(zip(all_wnids, imagenet_classnames()))
+            if all(w in by_wnid for w in wnids):
+                return [by_wnid[w] for w in wnids]
+    words = os.path.join(root, SETS["tinyimagenet"][0], "words.txt")
+    by_wnid = wordnet_first_lemmas(words, wnids) if os.path.isfile(words) else {}
+    if not all(w in by_wnid for w in wnids):
+        raise DataError(f"{name}: class names come from the ImageNet wnids, but neither "
+                        f"{os.path.join(root, 'imagenet')}/val (or train) with the 1000 wnid folders nor {words} "
+                        "is there to name them; put either there")
+    return [by_wnid[w] for w in wnids]
+
+
+def read_mat(path):
+    """The numeric arrays in a MATLAB v5 .mat file, flat in MATLAB's column-major order: {name: numpy array}.
+
+    Enough for Flowers102's imagelabels.mat and setid.mat, so that set loads without scipy."""
+    import struct
+    import zlib
+    import numpy as np
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 128 or raw[126:128] not in (b"IM", b"MI"):
+        raise ValueError(f"{path} is not a MATLAB 5 .mat file")
+    end = "<" if raw[126:128] == b"IM" else ">"
+    dtypes = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+
+    def elements(buf):  # (type, bytes) of each data element; small ones pack type and size into one word
+        pos = 0
+        while pos + 8 <= len(buf):
+            kind, size = struct.unpack_from(end + "II", buf, pos)
+            if kind >> 16:
+                kind, size, start, pos = kind & 0xFFFF, kind >> 16, pos + 4, pos + 8
+            else:
+                start, pos = pos + 8, pos + 8 + size + (0 if kind == 15 else -size % 8)
+            yield kind, buf[start:start + size]
+
+    arrays = {}
+    for kind, payload in elements(raw[128:]):
+        if kind == 15:  # compressed: one zlib stream holding one element
+            kind, payload = next(elements(zlib.decompress(payload)))
+        parts = list(elements(payload)) if kind == 14 else []  # a matrix: flags, dimensions, name, real part, ...
+        if len(parts) >= 4 and parts[3][0] in dtypes:
+            arrays[parts[2][1].decode()] = np.frombuffer(parts[3][1], end + dtypes[parts[3][0]])
+    return arrays
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images listed as (path, label) pairs, read with PIL, converted to RGB and transformed."""
+
+    def __init__(self, samples, classnames, template, transform):
+        self.samples, self.classnames, self.template, self.transform = samples, classnames, template, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            return self.transform(img.convert("RGB")), label
+
+
+def _files(folder, ext=".jpg"):
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(ext))
+
+
+def _caltech101(path, root, tf, train, download):
+    # AGFT merges Faces and Faces_easy into one class "person" (100 classes); TGA-ZSR and SAFT keep 101 classes,
+    # "faces" and "faces easy", with the template "This is a photo of a {}". Read here rather than with torchvision's
+    # Caltech101, which imports scipy for every image; same images (the background class left out).
+    if download and not os.path.isdir(os.path.join(path, "101_ObjectCategories")):
+        import torchvision
+        torchvision.datasets.Caltech101(root, download=True)
+    cats = _subfolders(os.path.join(path, "101_ObjectCategories"))
+    cats = [c for c in cats if c != "BACKGROUND_Google"]
+    faces = {"Faces", "Faces_easy"}
+    rest = [c for c in cats if c not in faces]
+    label = {c: 0 if c in faces else 1 + rest.index(c) for c in cats}
+    samples = [(os.path.join(path, "101_ObjectCategories", c, f), label[c]) for c in cats
+               for f in _files(os.path.join(path, "101_ObjectCategories", c))]
+    return ImageList(samples, ["person"] + [refine(c) for c in rest], SETS["caltech101"][2], tf)
+
+
+def _caltech256(path, root, tf, train, download):
+    # "NNN.name" folders; the "-101" suffix of the classes shared with Caltech101 is dropped (AGFT and TeCoA alike).
+    if download and not os.path.isdir(os.path.join(path, "256_ObjectCategories")):
+        import torchvision
+        torchvision.datasets.Caltech256(root, download=True)
+    cats = _subfolders(os.path.join(path, "256_ObjectCategories"))
+    samples = [(os.path.join(path, "256_ObjectCategories", c, f), i) for i, c in enumerate(cats)
+               for f in _files(os.path.join(path, "256_ObjectCategories", c))]
+    return ImageList(samples, [refine(c[4:].replace("-101", "")) for c in cats], SETS["caltech256"][2], tf)
+
+
+def _torchvision(cls_name, names, **kw):
+    """A loader that builds torchvision's class and takes its class names through `names(ds)`."""
+    def load(path, root, tf, train, download):
+        import torchvision
+        ds = getattr(torchvision.datasets, cls_name)(root, transform=tf, download=download, **kw)
+        ds.classnames = names(ds)
+        return ds
+    return load
+
+
+def _cifar(cls_name):
+    def load(path, root, tf, train, download):
+        import torchvision
+        ds = getattr(torchvision.datasets, cls_name)(root, train=train, transform=tf, download=download)
+        ds.classnames = [refine(c) for c in ds.classes]
+        return ds
+    return load
+
+
+def _eurosat(path, root, tf, train, download):
+    import torchvision
+    ds = torchvision.datasets.EuroSAT(root, transform=tf, download=download)
+    if ds.classes != EUROSAT_FOLDERS:
+        raise DataError(f"eurosat: {path} holds the class folders {ds.classes}, expected {EUROSAT_FOLDERS}")
+    ds.classnames = EUROSAT_NAMES
+    return ds
+
+
+def _flowers102(path, root, tf, train, download):
+    # torchvision's Flowers102 reads its two .mat files with scipy; read_mat does it here without.
+    if download and not all(os.path.exists(os.path.join(path, p)) for p in REQUIRED["flowers102"]):
+        import torchvision
+        from torchvision.datasets.utils import download_and_extract_archive, download_url
+        url, files = torchvision.datasets.Flowers102._download_url_prefix, torchvision.datasets.Flowers102._file_dict
+        download_and_extract_archive(url + files["image"][0], path, md5=files["image"][1])
+        for key in ("label", "setid"):
+            download_url(url + files[key][0], path, md5=files[key][1])
+    labels = read_mat(os.path.join(path, "imagelabels.mat"))["labels"]
+    ids = read_mat(os.path.join(path, "setid.mat"))["tstid"]  # the test split, 6,149 images
+    samples = [(os.path.join(path, "jpg", f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
+    return ImageList(samples, flowers_agft(), SETS["flowers102"][2], tf)
+
+
+def _fgvc_names(ds):
+    # Variants starting with a digit 7 are Boeing 7x7s: AGFT and TeCoA prefix "Boeing "; AGFT keeps case, the others
+    # lowercase ("boeing 707-320").
+    return [f"Boeing {c}" if c.startswith("7") else c for c in ds.classes]
+
+
+def _pcam_names(ds):
+    # Fixed prompts, so the template is "{}". TeCoA/PMG/TGA/SAFT write "Tthis is a photo of healthy lymph node
+    # tissue." (sic); FARE uses "a histopathology slide showing {}".
+    return ["This is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
+
+
+def _country_names(ds):
+    # AGFT: the ISO code's pycountry name up to the first comma, '-' read as a space, XK = Kosovo (AGFT pins
+    # pycountry 24.6.1; names differ between versions). TeCoA keeps the full name.
+    try:
+        import pycountry
+    except ImportError:
+        raise DataError("country211: its class names come from the ISO codes through pycountry, which is not installed "
+                        "(pip install pycountry==24.6.1, the version AGFT pins)") from None
+    names = {c.alpha_2: c.name for c in pycountry.countries}
+    names["XK"] = "Kosovo"
+    unknown = [c for c in ds.classes if c not in names]
+    if unknown:
+        raise DataError(f"country211: folders {unknown[:5]} are not ISO 3166 country codes known to pycountry")
+    return [names[c].split(",")[0].replace("-", " ") for c in ds.classes]
+
+
+def _imagenet(path, root, tf, train, download):
+    split = os.path.join(path, "train" if train else "val")
+    ds = image_folder(split, None, SETS["imagenet"][2], tf)
+    if len(ds.classes) != 1000:
+        raise DataError(f"imagenet: {split} has {len(ds.classes)} class folders, expected the 1000 ILSVRC-2012 wnid "
+                        "folders (torchvision.datasets.ImageNet or ILSVRC's valprep.sh sort the val images into them)")
+    ds.classnames = imagenet_classnames()
+    return ds
+
+
+def _tinyimagenet(path, root, tf, train, download):
+    # The official zip as it is: train/<wnid>/images/*.JPEG, and val/ read through val_annotations.txt (AGFT moves the
+    # val images into class folders on first use; nothing is moved here). Names: the synset's first lemma in the zip's
+    # words.txt, which is AGFT's ImageNet name for the same wnid.
+    with open(os.path.join(path, "wnids.txt")) as f:
+        wnids = sorted(w.strip() for w in f if w.strip())
+    index = {w: i for i, w in enumerate(wnids)}
+    if train:
+        samples = [(os.path.join(path, "train", w, "images", f), index[w]) for w in wnids
+                   for f in _files(os.path.join(path, "train", w, "images"), ".jpeg")]
+    else:
+        with open(os.path.join(path, "val", "val_annotations.txt")) as f:
+            rows = [line.split("\t")[:2] for line in f if line.strip()]
+        samples = [(os.path.join(path, "val", "images", file), index[wnid]) for file, wnid in rows]
+    names = wordnet_first_lemmas(os.path.join(path, "words.txt"), wnids)
+    return ImageList(samples, [names[w] for w in wnids], SETS["tinyimagenet"][2], tf)
+
+
+def _imagenet_variant(name):
+    def load(path, root, tf, train, download):  # ImageNet-R (200 wnids) and ImageNet-Sketch (1000), whole sets
+        ds = image_folder(path, None, SETS[name][2], tf)
+        ds.classnames = imagenet_names_for(ds.classes, root, name)
+        return ds
+    return load
+
+
+LOADERS = {
+    "caltech101": _caltech101,
+    "caltech256": _caltech256,
+    "cifar10": _cifar("CIFAR10"),
+    "cifar100": _cifar("CIFAR100"),
+    "dtd": _torchvision("DTD", lambda ds: [refine(c) for c in ds.classes], split="test", partition=1),
+    "eurosat": _eurosat,
+    "fgvc_aircraft": _torchvision("FGVCAircraft", _fgvc_names, split="test", annotation_level="variant"),
+    "flowers102": _flowers102,
+    "food101": _torchvision("Food101", lambda ds: [refine(c) for c in ds.classes], split="test"),
+    "imagenet": _imagenet,
+    "oxford_pets": _torchvision("OxfordIIITPet", lambda ds: [refine(c) for c in ds.classes], split="test"),
+    "pcam": _torchvision("PCAM", _pcam_names, split="test"),
+    # Stanford Cars: the year (last 5 characters) dropped, '-' read as a space, case kept (TeCoA & co. lowercase).
+    "stanford_cars": _torchvision("StanfordCars", lambda ds: [c[:-5].replace("-", " ") for c in ds.classes],
+                                 split="test"),
+    "stl10": _torchvision("STL10", lambda ds: list(ds.classes), split="test"),  # names as they are (AGFT)
+    "sun397": _torchvision("SUN397", lambda ds: [refine(c) for c in ds.classes]),  # whole set, no split
+    "tinyimagenet": _tinyimagenet,
+    "country211": _torchvision("Country211", _country_names, split="test"),
+    "imagenet-r": _imagenet_variant("imagenet-r"),
+    "imagenet-sketch": _imagenet_variant("imagenet-sketch"),
+}
+NEEDS = {"pcam": "h5py", "stanford_cars": "scipy"}  # optional packages torchvision needs for these
+
+
+def canonical_name(name):
+    """The set's name in SETS, or None: case, '-' and '_' do not matter ('ImageNet_R' is 'imagenet-r'), and
+    torchvision's class names are understood too ('OxfordIIITPet', 'StanfordCars')."""
+    def key(n):
+        return n.lower().replace("-", "").replace("_", "")
+    return {key(n): n for n in SETS}.get({"oxfordiiitpet": "oxfordpets"}.get(key(name), key(name)))
+
+
+def where(name):
+    """What a set's folder should hold and whether --download can fetch it, for one-line errors."""
+    folder, layout, _, download = SETS[name]
+    download = download or "no automatic download (the README's dataset list says where to get it)"
+    return f"expected <data-root>/{folder}/ to hold {layout}; {download}"
+
+
+def check_dataset(name, root, train=False, download=False):
+    """Raise DataError (one line) unless the set's files are where load_dataset will look (or --download can fetch
+    them). Cheap: reads no images, so evaluate.py runs it before loading the model."""
+    if name == TOY_TRAIN or name in TOY_HELDOUT or name == "imagefolder":
+        return
+    known = canonical_name(name)
+    if known is None:
+        raise DataError(f"unknown dataset '{name}' (known: {', '.join(ZERO_SHOT_SETS + EXTRA_SETS)}, imagefolder, "
+                        f"{TOY_TRAIN}, {', '.join(TOY_HELDOUT)})")
+    if train and known not in TRAIN_SETS:
+        raise DataError(f"{known} is an evaluation set; training sets: {', '.join(TRAIN_SETS)}, imagefolder, "
+                        f"{TOY_TRAIN}")
+    if root is None:
+        raise DataError(f"{known}: no --data-root given; {where(known)}")
+    path = os.path.join(root, SETS[known][0])
+    required = (REQUIRED_TRAIN if train else REQUIRED).get(known, ["."])
+    missing = [p for p in required if not os.path.exists(os.path.join(path, p))]
+    if missing and not (download and SETS[known][3]):
+        what = "not found" if not os.path.isdir(path) else f"incomplete (no {', '.join(missing)})"
+        raise DataError(f"{known}: {path} {what}; {where(known)}")
+    if known in NEEDS:
+        try:
+            __import__(NEEDS[known])
+        except ImportError:
+            raise DataError(f"{known}: reading {path} needs {NEEDS[known]}, which is not installed "
+                            f"(pip install {NEEDS[known]})") from None
+
+
+def load_dataset(name, root, resolution, train=False, download=False, resize_small=False):
+    """The dataset called `name`: its training split if train, else the split the papers evaluate.
+
+    download: let torchvision fetch a missing set where it can. resize_small: resize CIFAR-10/100 and STL-10 to the
+    model resolution in the pipeline (the TGA-ZSR/SAFT convention) instead of feeding them at native resolution."""
+    if name == TOY_TRAIN or name in TOY_HELDOUT:
+        return toy_dataset(name, TOY_TRAIN_SIZE if train else TOY_EVAL_SIZE, seed=TOY_TRAIN_SEED if train else TOY_EVAL_SEED)
+    if name == "imagefolder":
+        if root is None:
+            raise DataError("--train-set imagefolder needs --data-root DIR (a DIR/<class name>/<images> tree)")
+        return image_folder(root, resolution)
+    check_dataset(name, root, train, download)
+    known = canonical_name(name)
+    from torchvision import transforms as T
+    tf = T.PILToTensor() if known in SMALL_SETS and not resize_small else image_transform(resolution)
+    path = os.path.join(root, SETS[known][0])
+    try:
+        ds = LOADERS[known](path, root, tf, train, download)
+    except DataError:
+        raise
+    except ImportError as e:
+        raise DataError(f"{known}: reading {path} needs {e.name}, which is not installed "
+                        f"(pip install {e.name})") from None
+    except Exception as e:  # torchvision's own checks (e.g. the CIFAR/STL checksums), a missing or garbled file
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{known}: could not read {path} ({type(e).__name__}: {msg}); {where(known)}") from None
+    if len(ds) == 0:
+        raise DataError(f"{known}: {path} holds no images; {where(known)}")
+    ds.template = SETS[known][2]
+    return ds
 
 
 # --- the toy world ---
