@@ -156,6 +156,8 @@ def file_sha256(path):
 
 
 def one_line(e):
-    text = " ".join(str(e).split())
-    text = f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError) else text
+    if isinstance(e, urllib.error.HTTPError):
+        text = f"HTTP {e.code} {e.reason}"
+    else:
+        text = " ".join(str(e.reason if isinstance(e, urllib.error.URLError) else e).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
