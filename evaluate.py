@@ -401,45 +401,85 @@ def sanity_checks(results, eps):
     return failed
 
 
-def average(results):
-    names = [n for n in results if not n.startswith("_")]
+def averaged(results, over=None):
+    """The names the average covers: those of `over` (default: all) that were evaluated."""
+    return [n for n in results if not n.startswith("_") and (over is None or n in over)]
+
+
+def average(results, over=None):
+    names = averaged(results, over)
     return {k: sum(results[n][k] for n in names) / max(len(names), 1) for k in ("clean", "robust")}
 
 
-def table(columns):
-    """Rows: datasets then the average; one clean and one robust column per entry of columns {label: results}."""
-    names = list(next(iter(columns.values())))
-    head = f"{'dataset':<16}" + "".join(f"{label + ' clean':>16}{label + ' robust':>16}" for label in columns)
-    lines = [head, "-" * len(head)]
-    for name in names + ["average"]:
-        cells = ""
-        for res in columns.values():
-            r = average(res) if name == "average" else res[name]
-            cells += f"{r['clean']:>16.2f}{r['robust']:>16.2f}"
-        lines.append(f"{name:<16}{cells}")
+# The three papers' evaluation protocols (SPEC 4): PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
+# STL-10 are resized to the model resolution before the attack, the sets in the order of the paper's table columns,
+# and the sets the average covers.
+TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101", "oxford_pets", "flowers102", "dtd",
+            "eurosat", "fgvc_aircraft", "imagenet", "caltech101", "caltech256", "stanford_cars", "pcam"]
+SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_pets", "flowers102", "dtd", "eurosat",
+             "fgvc_aircraft", "caltech101", "caltech256", "stanford_cars", "pcam", "imagenet", "sun397"]
+PROTOCOLS = {
+    # AGFT Tables 1-2: PGD-20, CIFAR/STL attacked at native resolution, the 15 zero-shot sets and their mean
+    "agft": dict(steps=20, step_size=1 / 255, resize_before_attack=False, datasets=data.ZERO_SHOT_SETS,
+                 average=data.ZERO_SHOT_SETS),
+    # TGA-ZSR / Comp-TGA Tables I-II: PGD-100, everything at 224 px, 16 sets with TinyImageNet, mean over all 16
+    "tga": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=TGA_SETS, average=TGA_SETS),
+    # SAFT Table 1: as TGA, but TinyImageNet (the training source) is reported apart from the 15-set "zero-shot average"
+    "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:]),
+}
+SHORT = {"caltech101": "Cal101", "caltech256": "Cal256", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
+         "eurosat": "EuroSAT", "fgvc_aircraft": "FGVC", "flowers102": "Flowers", "food101": "Food101",
+         "imagenet": "ImageNet", "oxford_pets": "Pets", "stanford_cars": "Cars", "sun397": "SUN397",
+         "tinyimagenet": "TinyIN", "country211": "Country", "imagenet-r": "IN-R", "imagenet-sketch": "IN-Sketch"}
+
+
+def table(models, names=None, over=None):
+    """Zero-shot accuracy table: one column per dataset (in `names` order, default the evaluated order) and the
+    average over `over` (default all); one row per model and metric, {label: results} -> clean rows, robust rows."""
+    first = next(iter(models.values()))
+    names = names or [n for n in first if not n.startswith("_")]
+    over = averaged(first, over)
+    heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
+    widths = [max(len(h), 6) + 2 for h in heads]
+    label_w = max(len(f"{label} robust") for label in models) + 2
+    lines = [" " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
+    for metric in ("clean", "robust"):
+        for label, res in models.items():
+            cells = [res[n][metric] if n in res else float("nan") for n in names] + [average(res, over)[metric]]
+            lines.append(f"{label + ' ' + metric:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
+    apart = [n for n in names if n not in over]
+    if apart:
+        lines.append(f"avg: mean over the {len(over)} sets other than {', '.join(apart)}")
     return "\n".join(lines)
 
 
-def report(run, model_name, attack_cfg, results, baseline=None):
-    """Print the table (baseline beside it when given) and write results.json into the output folder."""
+def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None):
+    """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
+
+    names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON."""
     failed = sanity_checks(results, attack_cfg["eps"])
-    columns = {"before": baseline, "after": results} if baseline else {"model": results}
+    models = {"before": baseline, "after": results} if baseline else {"model": results}
     run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
-            f"step {fmt_eps(attack_cfg['step_size'])}\n{table(columns)}")
+            f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over)}")
     for msg in failed:
         run.log(f"SANITY CHECK FAILED: {msg}")
-    out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results),
-           "checks": {"passed": not failed, "failed": failed}}
+    out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results, over),
+           "average_over": averaged(results, over), "checks": {"passed": not failed, "failed": failed}}
+    if protocol:
+        out["protocol"] = protocol
     if baseline:
-        out["baseline"] = {"results": baseline, "average": average(baseline)}
+        out["baseline"] = {"results": baseline, "average": average(baseline, over)}
     if run.main and run.out_dir:
         with open(os.path.join(run.out_dir, "results.json"), "w") as f:
             json.dump(out, f, indent=2)
     return out
 
 
-def eval_datasets(names, data_root, resolution, max_n=None):
-    return {n: eval_subset(data.load_dataset(n, data_root, resolution), max_n) for n in names}
+def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False):
+    """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
+    return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
+                                                                      resize_small=resize_small), max_n)
+            for n in names}
 
 
 def final_evaluation(encoder, args, run):
@@ -461,18 +501,25 @@ def final_evaluation(encoder, args, run):
 # ----------------------------------------------------------------------------- command line
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
     add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
     add("--checkpoint", help="image-encoder checkpoint written by one of the training scripts")
-    add("--datasets", help="comma-separated dataset names")
-    add("--data-root", help="folder holding the datasets")
+    add("--protocol", default="agft", choices=list(PROTOCOLS),
+        help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
+             "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average); default agft")
+    add("--datasets", help="comma-separated dataset names (default: the protocol's; 'all' adds "
+                           f"{', '.join(data.EXTRA_SETS)})")
+    add("--data-root", help="folder holding the datasets (layouts: README)")
+    add("--download", action="store_true", help="let torchvision download the sets it can")
+    add("--resize-before-attack", action=argparse.BooleanOptionalAction,
+        help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
     add("--attack", default="pgd")
     add("--eps", type=parse_eps)
     add("--step-size", type=parse_eps)
-    add("--steps", type=int, default=20)
+    add("--steps", type=int, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=int, help="evaluate a fixed, seeded subset of N images per dataset")
     add("--batch-size", type=int, default=128)
     add("--workers", type=int, default=4)
@@ -480,7 +527,8 @@ def main():
     add("--device", default="auto")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     add("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    proto = PROTOCOLS[args.protocol]
     ckpt_model = None
     if args.checkpoint:
         ckpt = read_checkpoint(args.checkpoint)
@@ -489,18 +537,41 @@ def main():
     if args.eps is None:
         args.eps = data.TOY_EPS if args.toy else 1 / 255
     if args.step_size is None:
-        args.step_size = min(args.eps / 4 if args.toy else 1 / 255, args.eps)
+        args.step_size = min(args.eps / 4 if args.toy else proto["step_size"], args.eps)
+    if args.steps is None:
+        args.steps = 20 if args.toy else proto["steps"]
+    if args.resize_before_attack is None:
+        args.resize_before_attack = proto["resize_before_attack"] and not args.toy
     check_attack_flags(args.eps, args.step_size, args.steps)
-    datasets = args.datasets or ",".join(data.TOY_HELDOUT if args.toy else data.ZERO_SHOT_SETS)
+    if args.datasets == "all":
+        names = data.ZERO_SHOT_SETS + data.EXTRA_SETS
+    elif args.datasets:
+        names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    else:
+        names = data.TOY_HELDOUT if args.toy else proto["datasets"]
+    if not args.download:  # missing sets fail here, in one line, before minutes of model loading
+        missing = []
+        for name in names:
+            try:
+                data.check_dataset(name, args.data_root)
+            except data.DataError as e:
+                missing.append((name, str(e)))
+        if missing:
+            more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
+            raise data.DataError(missing[0][1] + more)
     run = setup(args)
     model = clip.load(args.model, device=run.device)
     if args.checkpoint:
         load_visual(model, args.checkpoint, args.model)
-    sets = eval_datasets(datasets.split(","), args.data_root, model.visual.input_resolution, args.max_per_dataset)
+    sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
+                         args.resize_before_attack)
     cfg = {"name": args.attack, "eps": args.eps, "step_size": args.step_size, "steps": args.steps}
     attack = make_attack(args.attack, args.eps, args.step_size, args.steps)
     results = evaluate(clip.ImageEncoder(model.visual), model, sets, attack, run, args.batch_size, args.workers)
-    report(run, args.checkpoint or args.model, cfg, results)
+    over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
+    protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
+                "max_per_dataset": args.max_per_dataset}
+    report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol)
 
 
 if __name__ == "__main__":
