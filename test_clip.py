@@ -225,17 +225,17 @@ def test_offline_error_names_urls_and_paths(tmp_path, monkeypatch):
         clip.load("ViT-B/32")
     message = str(e.value)
     assert "\n" not in message and "no network (test)" in message
-    sha, _, repo = clip.loader.MODELS["ViT-B/32"]
+    sha = clip.loader.MODELS["ViT-B/32"][0]
     assert f"https://openaipublic.azureedge.net/clip/models/{sha}/ViT-B-32.pt" in message
-    assert f"https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin" in message
+    mirror = "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_pytorch_model.bin"
+    assert mirror in message
     assert os.path.join(str(tmp_path / "env"), "ViT-B-32.pt") in message
     with pytest.raises(clip.CLIPError, match=str(tmp_path / "root")):  # download_root beats the variable
         clip.load("RN50", download_root=str(tmp_path / "root"))
 
 
 def test_checksum_mismatch_keeps_nothing(tmp_path, monkeypatch):
-    sha, stem, _ = clip.loader.MODELS["RN101"]
-    url = clip.loader.OPENAI_URL.format(sha256=sha, stem=stem)
+    url = clip.loader.OPENAI_URL.format(sha256=clip.loader.MODELS["RN101"][0], stem="RN101")
     monkeypatch.setattr(urllib.request, "urlopen", serve({url: b"not the model"}))
     with pytest.raises(clip.CLIPError, match="SHA-256 mismatch.*HTTP 404"):
         clip.load("RN101", download_root=str(tmp_path))
@@ -245,7 +245,7 @@ def test_checksum_mismatch_keeps_nothing(tmp_path, monkeypatch):
 def test_download_checks_sha256_and_caches(tiny, tmp_path, monkeypatch, capsys):
     data = (tiny[1] / "tiny.pt").read_bytes()
     sha = hashlib.sha256(data).hexdigest()
-    monkeypatch.setitem(clip.loader.MODELS, "ViT-B/32", (sha, "ViT-B-32", "timm/vit_base_patch32_clip_224.openai"))
+    monkeypatch.setitem(clip.loader.MODELS, "ViT-B/32", (sha, "vit_base_patch32_clip_224"))
     url = clip.loader.OPENAI_URL.format(sha256=sha, stem="ViT-B-32")
     monkeypatch.setattr(urllib.request, "urlopen", serve({url: data}))
     model = clip.load("ViT-B/32", download_root=str(tmp_path))
@@ -257,7 +257,7 @@ def test_download_checks_sha256_and_caches(tiny, tmp_path, monkeypatch, capsys):
 
 def test_mirror_fallback_and_hand_placed_file(tiny, tmp_path, monkeypatch, capsys):
     data = (tiny[1] / "tiny.pt").read_bytes()
-    mirror = clip.loader.MIRROR_URL.format(repo="timm/resnet50_clip.openai")
+    mirror = clip.loader.MIRROR_URL.format(arch="resnet50_clip")
     monkeypatch.setattr(urllib.request, "urlopen", serve({mirror: data}))  # OpenAI's URL answers 404
     clip.load("RN50", download_root=str(tmp_path / "a"))
     assert os.listdir(tmp_path / "a") == ["resnet50_clip.openai.bin"] and mirror in capsys.readouterr().err

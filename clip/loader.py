@@ -23,24 +23,19 @@ import torch
 
 from .model import build_model
 
+# {stem} is the model name with "/" and "@" replaced by "-", e.g. ViT-L-14-336px
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{stem}.pt"
-MIRROR_URL = "https://huggingface.co/{repo}/resolve/main/open_clip_pytorch_model.bin"
-MODELS = {  # name: (SHA-256 of OpenAI's file, its file stem, Hugging Face mirror)
-    "RN50": ("afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50", "timm/resnet50_clip.openai"),
-    "RN101": ("8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101", "timm/resnet101_clip.openai"),
-    "RN50x4": ("7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4", "timm/resnet50x4_clip.openai"),
-    "RN50x16": ("52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16",
-                "timm/resnet50x16_clip.openai"),
-    "RN50x64": ("be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64",
-                "timm/resnet50x64_clip.openai"),
-    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32",
-                 "timm/vit_base_patch32_clip_224.openai"),
-    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16",
-                 "timm/vit_base_patch16_clip_224.openai"),
-    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14",
-                 "timm/vit_large_patch14_clip_224.openai"),
-    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px",
-                       "timm/vit_large_patch14_clip_336.openai"),
+MIRROR_URL = "https://huggingface.co/timm/{arch}.openai/resolve/main/open_clip_pytorch_model.bin"
+MODELS = {  # name: (SHA-256 of OpenAI's file, architecture name of the Hugging Face mirror)
+    "RN50": ("afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "resnet50_clip"),
+    "RN101": ("8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "resnet101_clip"),
+    "RN50x4": ("7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "resnet50x4_clip"),
+    "RN50x16": ("52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "resnet50x16_clip"),
+    "RN50x64": ("be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "resnet50x64_clip"),
+    "ViT-B/32": ("40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "vit_base_patch32_clip_224"),
+    "ViT-B/16": ("5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "vit_base_patch16_clip_224"),
+    "ViT-L/14": ("b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "vit_large_patch14_clip_224"),
+    "ViT-L/14@336px": ("3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "vit_large_patch14_clip_336"),
 }
 REQUIRED = ("token_embedding.weight", "positional_embedding", "transformer.resblocks.0.attn.in_proj_weight",
             "ln_final.weight", "text_projection", "logit_scale", "visual.conv1.weight")
@@ -73,7 +68,7 @@ def load(name_or_path, device="cpu", download_root=None):
 def read_state_dict(path):
     """A TorchScript archive or a torch.save'd checkpoint -> {name: tensor}."""
     try:
-        if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+        if is_torchscript(path):
             with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI's files are TorchScript
                 warnings.simplefilter("ignore")
                 state_dict = torch.jit.load(path, map_location="cpu").state_dict()
@@ -86,6 +81,13 @@ def read_state_dict(path):
     if not isinstance(state_dict, dict):
         raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def is_torchscript(path):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def model_from_state_dict(state_dict, path):
@@ -101,10 +103,11 @@ def model_from_state_dict(state_dict, path):
 
 def fetch(name, download_root=None):
     """Path of the cached or freshly downloaded file for a model name, and a note on where it came from."""
-    sha256, stem, repo = MODELS[name]
+    sha256, arch = MODELS[name]
+    stem = name.replace("/", "-").replace("@", "-")
     root = download_root or os.environ.get("NANOZSAR_CLIP_CACHE") or os.path.expanduser("~/.cache/clip")
     sources = [(OPENAI_URL.format(sha256=sha256, stem=stem), os.path.join(root, stem + ".pt"), sha256),
-               (MIRROR_URL.format(repo=repo), os.path.join(root, repo.split("/")[1] + ".bin"), None)]
+               (MIRROR_URL.format(arch=arch), os.path.join(root, arch + ".openai.bin"), None)]
     tried = []
     for url, path, expected in sources:
         if os.path.isfile(path):
