@@ -475,6 +475,21 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
     return out
 
 
+def check_datasets(names, data_root, train_set=None):
+    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; cheap
+    (no images read), so scripts can call it before loading the model or training for hours."""
+    checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
+    missing = []
+    for name, train in checks:
+        try:
+            data.check_dataset(name, data_root, train)
+        except data.DataError as e:
+            missing.append((name, str(e)))
+    if missing:
+        more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
+        raise data.DataError(missing[0][1] + more)
+
+
 def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False):
     """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
     return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
@@ -550,15 +565,7 @@ def main(argv=None):
     else:
         names = data.TOY_HELDOUT if args.toy else proto["datasets"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
-        missing = []
-        for name in names:
-            try:
-                data.check_dataset(name, args.data_root)
-            except data.DataError as e:
-                missing.append((name, str(e)))
-        if missing:
-            more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
-            raise data.DataError(missing[0][1] + more)
+        check_datasets(names, args.data_root)
     run = setup(args)
     model = clip.load(args.model, device=run.device)
     if args.checkpoint:

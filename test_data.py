@@ -359,6 +359,14 @@ def test_missing_empty_and_unknown_sets_are_one_line_errors(tmp_path):
     one_line_error("holds no images", load, "caltech101", tmp_path)
 
 
+def test_check_datasets_names_every_missing_set(tmp_path):
+    write_cifar(tmp_path)
+    msg = one_line_error("imagenet", evaluate.check_datasets, ["cifar10", "dtd", "ImageNet_R"], str(tmp_path),
+                         train_set="imagenet")
+    assert msg.endswith("[also missing: dtd, ImageNet_R]") and "train/" in msg
+    evaluate.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10")
+
+
 def test_evaluate_with_no_data_prints_one_line():
     out = subprocess.run([sys.executable, "evaluate.py", "--model", "ViT-B/32", "--datasets", "cifar10"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
