@@ -287,8 +287,7 @@ def test_tinyimagenet_val_through_annotations(tmp_path):
     names = ["goldfish", "Egyptian cat", "reel"]  # sorted wnids; the first lemma of each synset
     assert check(load("tinyimagenet", tmp_path), 3, names, "This is a photo of a {}.") == [1, 0, 1]
     assert check(load("tinyimagenet", tmp_path, train=True), 6, names, "This is a photo of a {}.") == [0, 0, 1, 1, 2, 2]
-    assert os.listdir(tmp_path / "tiny-imagenet-200" / "val") == ["val_annotations.txt", "images"] or \
-        sorted(os.listdir(tmp_path / "tiny-imagenet-200" / "val")) == ["images", "val_annotations.txt"]  # untouched
+    assert sorted(os.listdir(tmp_path / "tiny-imagenet-200" / "val")) == ["images", "val_annotations.txt"]  # untouched
 
 
 def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):
