@@ -62,6 +62,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     run = evaluate.setup(args)
+    evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
@@ -75,7 +76,7 @@ def main(argv=None):
     step = ckpt.resume()  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step)
+    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
     while step < total:
         sampler.set_position(step)
         for x, y in loader:
