@@ -237,8 +237,8 @@ def set_lr(opt, step, total, args):
 class TrainLog:
     """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the loss curve."""
 
-    def __init__(self, args, run, train_set, total, step):
-        self.args, self.run, self.total, self.start = args, run, total, step
+    def __init__(self, args, run, train_set, total, step, encoder):
+        self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
         self.t0, self.history = time.time(), []
         run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
                 f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
