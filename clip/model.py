@@ -3,7 +3,6 @@
 Parameter names and shapes match OpenAI's released checkpoints, so their state dicts load unchanged.
 Attention runs through torch's scaled_dot_product_attention.
 """
-import math
 from collections import OrderedDict
 
 import torch
@@ -189,7 +188,7 @@ class CLIP(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = nn.LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / 0.07)))))
         self.initialize_parameters()
 
     def initialize_parameters(self):
@@ -251,16 +250,13 @@ def build_model(state_dict):
         vision_patch_size = None
         image_resolution = round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5) * 32
     transformer_width = sd["ln_final.weight"].shape[0]
-    with torch.device("meta"):  # skip allocating and randomly initialising weights that are about to be replaced
-        model = CLIP(
-            embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution, vision_layers=vision_layers,
-            vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=sd["positional_embedding"].shape[0],
-            vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=transformer_width,
-            transformer_heads=max(1, transformer_width // 64),
-            transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
-    # copies (never views of the caller's tensors), fp32; integer buffers (BatchNorm's counters) keep their dtype
-    model.load_state_dict({k: v.to(torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-                           for k, v in sd.items()}, assign=True)
+    model = CLIP(
+        embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution, vision_layers=vision_layers,
+        vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=transformer_width,
+        transformer_heads=max(1, transformer_width // 64),
+        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.eval()
 
 
