@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -281,8 +282,9 @@ def save_checkpoint(path, obj):
 def read_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # numpy scalars are allowed: TeCoA's and PMG-AFT's checkpoints store best_acc1 as one
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
@@ -317,17 +319,104 @@ class Checkpoint:
                                         "method": self.args.method, "args": vars(self.args)})
 
 
+# The image-encoder checkpoints load_visual reads: (what it says it found, test, the encoder's state dict), first match
+# wins. The keys of the state dict are OpenAI's image-tower names (those of clip/model.py), possibly after "module."
+# (DataParallel) and, in open_clip files, with layer scales (ls_1/ls_2.gamma), which are folded into the projections.
+CHECKPOINT_FORMATS = [
+    ("nanoZSAR checkpoint", lambda c: isinstance(c.get("visual"), dict), lambda c: c["visual"]),
+    ("TeCoA / PMG-AFT / TGA-ZSR / SAFT checkpoint (vision_encoder_state_dict)",
+     lambda c: isinstance(c.get("vision_encoder_state_dict"), dict), lambda c: c["vision_encoder_state_dict"]),
+    ("AGFT checkpoint (modules['clip.visual'])", lambda c: isinstance(c.get("modules"), dict) and
+     isinstance(c["modules"].get("clip.visual"), dict), lambda c: c["modules"]["clip.visual"]),
+    ("CLIP state dict (visual.* keys; OpenAI or open_clip names)", lambda c: any(k.startswith("visual.") for k in c),
+     lambda c: {k[len("visual."):]: v for k, v in c.items() if k.startswith("visual.")}),
+    ("image-encoder state dict (OpenAI or open_clip names, e.g. FARE)", lambda c: "conv1.weight" in c, lambda c: c),
+]
+# keys of a full CLIP state dict that belong to the text tower (OpenAI's and open_clip's names), skipped
+TEXT_KEYS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "logit_scale",
+             "logit_bias", "text.", "attn_mask", "input_resolution", "context_length", "vocab_size")
+VIT_NAMES = {(768, 12, 32, 224): "ViT-B/32", (768, 12, 16, 224): "ViT-B/16", (1024, 24, 14, 224): "ViT-L/14",
+             (1024, 24, 14, 336): "ViT-L/14@336px"}
+_SCALAR = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
+NUMPY_SCALARS = [np.dtype, (_SCALAR, "numpy.core.multiarray.scalar"), (_SCALAR, "numpy._core.multiarray.scalar")] + [
+    t for t in vars(np.dtypes).values() if isinstance(t, type)]  # numpy 1.x and 2.x names of a pickled scalar
+
+
+def _generic(key):
+    return ".".join("N" if part.isdigit() else part for part in key.split("."))
+
+
+def image_tower_names():
+    """Every key an OpenAI ViT or ResNet image tower can have, block numbers as N (from two tiny towers, no weights)."""
+    vit, rn = clip.model.VisionTransformer(32, 16, 8, 1, 1, 8), clip.model.ModifiedResNet((1, 1, 1, 1), 8, 1, 32, 2)
+    return {_generic(k) for m in (vit, rn) for k in m.state_dict()}
+
+
+def strip_prefix(sd, prefixes=("module.", "_orig_mod.")):
+    """Keys without DataParallel's "module." and torch.compile's "_orig_mod." prefixes."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def fold_layer_scale(sd):
+    """open_clip's x + gamma * f(x) (ls_1 after attn.out_proj, ls_2 after mlp.c_proj) as OpenAI's x + f'(x)."""
+    sd = dict(sd)
+    for key in [k for k in sd if k.endswith((".ls_1.gamma", ".ls_2.gamma"))]:
+        gamma, block = sd.pop(key).float(), key.rsplit(".", 2)[0]
+        proj = f"{block}.attn.out_proj" if ".ls_1." in key else f"{block}.mlp.c_proj"
+        sd[f"{proj}.weight"] = sd[f"{proj}.weight"].float() * gamma[:, None]
+        sd[f"{proj}.bias"] = sd[f"{proj}.bias"].float() * gamma
+    return sd
+
+
+def describe_encoder(sd):
+    """'a ViT-L/14 image encoder' (or its width/layers/patch/resolution), 'a ResNet image encoder', from shapes."""
+    if "proj" not in sd or "conv1.weight" not in sd or "positional_embedding" not in sd:
+        return "a ResNet image encoder" if "attnpool.c_proj.weight" in sd else "an image encoder"
+    width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
+    layers = len([k for k in sd if k.endswith(".attn.in_proj_weight")])
+    res = patch * round((sd["positional_embedding"].shape[0] - 1) ** 0.5)
+    name = VIT_NAMES.get((width, layers, patch, res))
+    return f"a {name} image encoder" if name else f"a ViT image encoder (width {width}, {layers} layers, patch {patch}, {res} px)"
+
+
 def load_visual(model, path, model_name):
-    """Load the image encoder of a checkpoint written by any of our scripts into model.visual."""
+    """Load the image encoder of a checkpoint into model.visual and return the checkpoint.
+
+    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
+    which layout it found, and refuses (UsageError) keys it cannot map and encoders of another architecture."""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "visual" not in ckpt:
-        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UsageError(f"{path} is not a nanoZSAR checkpoint (no 'visual' entry; found {keys})")
-    try:
-        model.visual.load_state_dict(ckpt["visual"])
-    except RuntimeError:
-        raise UsageError(f"{path} holds an image encoder of another architecture ({ckpt.get('model', '?')}) than "
-                         f"--model {model_name}; pass --model {ckpt.get('model', '<its model>')}") from None
+    top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
+    found = next(((name, get) for name, test, get in CHECKPOINT_FORMATS if test(top)), None)
+    if found is None:
+        keys = list(top)[:6] if top else type(ckpt).__name__
+        raise UsageError(f"{path}: unknown checkpoint layout, no image encoder found; keys not understood: {keys} "
+                         f"(readable: ours, vision_encoder_state_dict, AGFT's modules, (visual.)conv1.weight... state dicts)")
+    name, get = found
+    sd = strip_prefix(get(top))
+    if name.startswith("CLIP state dict"):
+        sd.update({k: v for k, v in top.items() if not k.startswith("visual.") and not k.startswith(TEXT_KEYS)})
+    sd = fold_layer_scale(sd)
+    known = image_tower_names()
+    unknown = [k for k in sd if _generic(k) not in known]
+    if unknown:
+        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
+        raise UsageError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
+                         "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
+    expected = model.visual.state_dict()
+    if set(sd) != set(expected) or any(sd[k].shape != v.shape for k, v in expected.items() if k in sd):
+        if all(k in expected and v.shape == expected[k].shape for k, v in sd.items()):  # our architecture, cut short
+            missing = [k for k in expected if k not in sd]
+            raise UsageError(f"{path}: {name}, but {len(missing)} keys are missing: {', '.join(missing[:6])}")
+        ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
+        raise UsageError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
+                         f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
+    model.visual.load_state_dict(sd)
+    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}", file=sys.stderr)
     return ckpt
 
 
