@@ -98,6 +98,8 @@ def test_attention_map_is_the_specified_computation():
     assert a.shape == (3, 32, 32) and a.min() >= 0 and a.max() <= 1
     # bilinear upsampling of the 4x4 map (align_corners=False): the corner pixel is the corner patch
     assert torch.allclose(a[:, 0, 0], s[:, 0], atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the map is computed in fp32 under autocast too
+        assert torch.equal(clip.text_guided_attention(tokens, text, (32, 32)), a)
 
 
 def test_complementary_map_is_class_times_one_minus_nonclass():

@@ -305,13 +305,14 @@ def text_guided_attention(tokens, text, size):
     per image, reshaped row-major to sqrt(P) x sqrt(P), and upsampled bilinearly to `size`.
     The paper (Comp-TGA Eq. 6) resizes before normalising and names no channel normalisation; this is the code's order.
     """
-    tokens = tokens.float()
-    tokens = tokens / tokens.norm(dim=1, keepdim=True)
-    scores = torch.einsum("bpd,bd->bp", tokens[:, 1:], text.float())
-    lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
-    scores = (scores - lo) / (hi - lo + 1e-8)
-    g = round(scores.shape[1] ** 0.5)
-    maps = F.interpolate(scores.view(-1, 1, g, g), size=size, mode="bilinear", align_corners=False)
+    with torch.autocast(tokens.device.type, enabled=False):  # fp32 even under autocast: min-max magnifies rounding
+        tokens = tokens.float()
+        tokens = tokens / tokens.norm(dim=1, keepdim=True)
+        scores = torch.einsum("bpd,bd->bp", tokens[:, 1:], text.float())
+        lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
+        scores = (scores - lo) / (hi - lo + 1e-8)
+        g = round(scores.shape[1] ** 0.5)
+        maps = F.interpolate(scores.view(-1, 1, g, g), size=size, mode="bilinear", align_corners=False)
     return maps[:, 0]
 
 
