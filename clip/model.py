@@ -281,8 +281,12 @@ class ImageEncoder(nn.Module):
 
 
 def cosine_logits(features, text_features, scale):
-    """scale * cos(image, text) for unnormalised image features [B,D] and normalised text features [C,D]."""
-    return scale * F.normalize(features.float(), dim=-1) @ text_features.float().t()
+    """scale * cos(image, text) for unnormalised image features [B,D] and normalised text features [C,D].
+
+    In fp32 even under autocast: at scale 100, bf16 logits would be rounded to about 0.1-0.5.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        return scale * F.normalize(features.float(), dim=-1) @ text_features.float().t()
 
 
 class ZeroShotClassifier(nn.Module):
