@@ -102,7 +102,9 @@ def released(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param.replace("/", "-"))
     torch.save(reference, folder / "plain.pt")
     save_torchscript(openai_style(reference), folder / "openai.pt")
-    return request.param, reference, folder
+    yield request.param, reference, folder
+    for f in folder.iterdir():  # ~1 GB: don't leave it to pytest's retention of temporary folders
+        f.unlink()
 
 
 def test_load_released_architectures(released):
