@@ -301,7 +301,7 @@ def sequential(model, x, y, attack_list):
     return x_adv
 
 
-def autoattack(model, x, y, eps, version="seed", steps=100):
+def autoattack(model, x, y, eps, version="seed", steps=100, queries=5000):
     """AutoAttack (Croce & Hein, ICML 2020), L-inf.
 
     version "seed": APGD-CE then APGD-DLR, `steps` iterations each, one restart, as TeCoA, TGA-ZSR and SAFT run
@@ -313,7 +313,7 @@ def autoattack(model, x, y, eps, version="seed", steps=100):
     if version == "seed":
         parts = [ce, lambda m, xx, yy: apgd_dlr(m, xx, yy, eps, steps)]
     elif version == "standard":
-        parts = [ce, lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps), lambda m, xx, yy: square(m, xx, yy, eps)]
+        parts = [ce, lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps), lambda m, xx, yy: square(m, xx, yy, eps, queries)]
     else:
         raise ValueError(f"unknown AutoAttack version '{version}' (known: seed, standard)")
     if n < 3:
@@ -406,7 +406,7 @@ def pifgsmpp_kernel():
     return (g[:, None, None] * g[None, :, None]).expand(3, 3, 3)
 
 
-def pifgsm(model, x, y, eps, steps=20, amplification=10.0, project_factor=1.0, smooth=None):
+def pifgsm(model, x, y, eps, steps=20, amplification=10.0, project_factor=1.0, smooth=None, accumulate_projection=True):
     """PI-FGSM (Gao et al., ECCV 2020): amplified steps beta = amplification * eps / steps, and the part of the
     accumulated noise that overflows the ball spread to the neighbouring pixels (3x3 projection kernel, step
     gamma = project_factor * beta). Untargeted; torchattacks' momentum and probability arguments are unused there."""
@@ -423,11 +423,13 @@ def pifgsm(model, x, y, eps, steps=20, amplification=10.0, project_factor=1.0, s
         acc = acc + beta * g.sign()
         overflow = (acc.abs() - eps).clamp(min=0) * acc.sign()
         p = gamma * depthwise(overflow, spread).sign()
-        acc = acc + p
+        if accumulate_projection:
+            acc = acc + p
         x_adv = project(x_adv + beta * g.sign() + p, x, eps)
     return x_adv.detach()
 
 
 def pifgsmpp(model, x, y, eps, steps=20):
-    """PI-FGSM++ (Gao et al., 2020): PI-FGSM with a smoothed gradient and gamma = 0.8 beta (torchattacks' PIFGSMPP)."""
-    return pifgsm(model, x, y, eps, steps, project_factor=0.8, smooth=pifgsmpp_kernel())
+    """PI-FGSM++ (Gao et al., 2020) as torchattacks 3.5.1's PIFGSMPP: PI-FGSM on a smoothed gradient, gamma = 0.8
+    beta, and the projection term left out of the accumulated noise."""
+    return pifgsm(model, x, y, eps, steps, project_factor=0.8, smooth=pifgsmpp_kernel(), accumulate_projection=False)

@@ -5,6 +5,15 @@
     torchrun --standalone --nproc_per_node 8 evaluate.py ...         # data-parallel evaluation
 
 Robust accuracy is top-1 accuracy on the adversarial images (the AGFT convention); clean accuracy on the originals.
+
+Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, square, autoattack (`--aa seed`:
+APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: APGD-CE + APGD-T + Square, no FAB-T), mifgsm,
+difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
+target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
+iterative attacks, `--apgd-steps` (default 100) APGD and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
+Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one attack, results.json holds
+{"model", "attacks": {attack: config}, "clean": {dataset: acc}, "robust": {dataset: {attack: acc}},
+"average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "checks"}.
 """
 import argparse
 import contextlib
@@ -461,10 +470,70 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name=""):
     return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved)}
 
 
-def make_attack(name, eps, step_size, steps):
-    if name != "pgd":
-        raise UsageError(f"unknown attack '{name}' (known: pgd)")
-    return lambda model, x, y: attacks.pgd(model, x, y, eps, step_size, steps)
+TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
+APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "autoattack"]
+# AGFT's Table 6, in its column order (SPEC 3; notes/spec_eval.md 2.11): PGD, MI, DI2, TI, NI, PI, PI++, C&W, AA, PGDT,
+# PGDTL, MIT, DI2T, TIT, NIT. AGFT's own "AA" is 10-step APGD with EOT 20; ours is the seed papers' 100-step AutoAttack.
+AGFT_ATTACKS = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm", "pifgsm", "pifgsm++", "cw", "autoattack", "pgd_t_rand",
+                "pgd_t_least", "mifgsm_t_rand", "difgsm_t_rand", "tifgsm_t_rand", "nifgsm_t_rand"]
+
+
+def attack_table(eps, step_size, steps, apgd_steps=100, aa="seed"):
+    """{name: lambda model, x, y: x_adv} for every attack of attacks.py."""
+    A = attacks
+    iterative = {name: getattr(A, name) for name in TARGETABLE}  # (model, x, y, eps, alpha, steps, targeted=...)
+    table = {"pgd": lambda m, x, y: A.pgd(m, x, y, eps, step_size, steps),
+             "cw": lambda m, x, y: A.cw(m, x, y, eps, step_size, steps),
+             "fgsm": lambda m, x, y: A.fgsm(m, x, y, eps)}
+    for name, f in iterative.items():
+        table[name] = lambda m, x, y, f=f: f(m, x, y, eps, step_size, steps)
+    table.update({
+        "pifgsm": lambda m, x, y: A.pifgsm(m, x, y, eps, steps),
+        "pifgsm++": lambda m, x, y: A.pifgsmpp(m, x, y, eps, steps),
+        "apgd_ce": lambda m, x, y: A.apgd_ce(m, x, y, eps, apgd_steps),
+        "apgd_dlr": lambda m, x, y: A.apgd_dlr(m, x, y, eps, apgd_steps),
+        "apgd_t": lambda m, x, y: A.apgd_t(m, x, y, eps, apgd_steps),
+        "square": lambda m, x, y: A.square(m, x, y, eps),
+        "autoattack": lambda m, x, y: A.autoattack(m, x, y, eps, aa, apgd_steps),
+    })
+    for name, f in iterative.items():  # targeted: aim at a random or the least likely other class
+        for suffix, pick in (("_t_rand", A.random_target), ("_t_least", A.least_likely_target)):
+            table[name + suffix] = lambda m, x, y, f=f, pick=pick: f(m, x, pick(m, x, y), eps, step_size, steps,
+                                                                      targeted=True)
+    return table
+
+
+ATTACKS = list(attack_table(0, 0, 0))
+
+
+def attack_names(text):
+    """'all' (AGFT's table), one name, or a comma-separated list -> [names]; unknown names are a UsageError."""
+    names = AGFT_ATTACKS if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise UsageError(f"unknown attack '{','.join(unknown) or text}' (known: {', '.join(ATTACKS)}, all)")
+    return names
+
+
+def make_attack(name, eps, step_size, steps, apgd_steps=100, aa="seed"):
+    """`lambda model, x, y: x_adv` for the attack `name` (see attack_table)."""
+    return attack_table(eps, step_size, steps, apgd_steps, aa)[attack_names(name)[0]]
+
+
+def attack_config(name, eps, step_size, steps, apgd_steps=100, aa="seed"):
+    """What the attack `name` runs with, for the logs and results.json (steps: those that apply to it)."""
+    cfg = {"name": name, "eps": eps, "step_size": step_size, "steps": steps}
+    if name == "fgsm":
+        cfg.update(step_size=eps, steps=1)
+    elif name.startswith("pifgsm"):
+        cfg.update(step_size=eps / steps * 10)  # PI's amplified step, 10 eps / steps
+    elif name in APGD_BASED:
+        cfg.update(step_size=2 * eps, steps=apgd_steps)  # APGD's initial step; it adapts from there
+        if name == "autoattack":
+            cfg["aa"] = aa
+    elif name == "square":
+        cfg.update(step_size=eps, steps=5000)  # queries
+    return cfg
 
 
 def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0):
@@ -475,6 +544,46 @@ def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0):
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
         results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name)
     return results
+
+
+def evaluate_attacks(encoder, model, datasets, names, run, batch_size=128, workers=0, **attack_args):
+    """{attack: evaluate(...) results} for several attacks; attack_args: those of attack_table."""
+    table, out = attack_table(**attack_args), {}
+    for name in names:
+        run.log(f"attack {name}")
+        out[name] = evaluate(encoder, model, datasets, table[name], run, batch_size, workers)
+    return out
+
+
+def report_attacks(run, model_name, configs, per_attack, over=None, protocol=None):
+    """One row per dataset and the average (over `over`, default all), a clean column and one robust column per
+    attack; results.json as in the module docstring."""
+    first = next(iter(per_attack.values()))
+    names = [n for n in first if not n.startswith("_")]
+    over = [n for n in names if over is None or n in over]
+    mean = lambda vals: sum(vals) / max(len(vals), 1)  # noqa: E731
+    clean = {n: first[n]["clean"] for n in names}
+    robust = {n: {a: per_attack[a][n]["robust"] for a in per_attack} for n in names}
+    avg = {"clean": mean([clean[n] for n in over]), "robust": {a: mean([robust[n][a] for n in over]) for a in per_attack}}
+    widths = [max(len(a), 6) + 2 for a in per_attack]
+    eps = next(iter(configs.values()))["eps"]
+    lines = [f"\nzero-shot top-1 (%) at eps {fmt_eps(eps)}, clean and under each attack",
+             f"{'dataset':<16}{'clean':>8}" + "".join(f"{a:>{w}}" for a, w in zip(per_attack, widths))]
+    for n in names + ["average"]:
+        c, r = (avg["clean"], avg["robust"]) if n == "average" else (clean[n], robust[n])
+        lines.append(f"{n:<16}{c:>8.2f}" + "".join(f"{r[a]:>{w}.2f}" for a, w in zip(per_attack, widths)))
+    run.log("\n".join(lines))
+    failed = [f"{a}: {msg}" for a, res in per_attack.items() for msg in sanity_checks(res, configs[a]["eps"])]
+    for msg in failed:
+        run.log(f"SANITY CHECK FAILED: {msg}")
+    out = {"model": model_name, "attacks": configs, "clean": clean, "robust": robust, "average": avg,
+           "average_over": over, "n": {n: first[n]["n"] for n in names}, "checks": {"passed": not failed, "failed": failed}}
+    if protocol:
+        out["protocol"] = protocol
+    if run.main and run.out_dir:
+        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    return out
 
 
 def sanity_checks(results, eps):
@@ -620,7 +729,11 @@ def main(argv=None):
     add("--download", action="store_true", help="let torchvision download the sets it can")
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
-    add("--attack", default="pgd")
+    add("--attack", default="pgd", help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; or a "
+                                         "comma-separated list (default pgd)")
+    add("--aa", default="seed", choices=["seed", "standard"],
+        help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
+    add("--apgd-steps", type=int, default=100, help="iterations of each APGD run (APGD and AutoAttack; default 100)")
     add("--eps", type=parse_eps)
     add("--step-size", type=parse_eps)
     add("--steps", type=int, help="attack steps (default: the protocol's)")
@@ -647,6 +760,7 @@ def main(argv=None):
     if args.resize_before_attack is None:
         args.resize_before_attack = proto["resize_before_attack"] and not args.toy
     check_attack_flags(args.eps, args.step_size, args.steps)
+    chosen = attack_names(args.attack)
     if args.datasets == "all":
         names = data.ZERO_SHOT_SETS + data.EXTRA_SETS
     elif args.datasets:
@@ -661,12 +775,18 @@ def main(argv=None):
         load_visual(model, args.checkpoint, args.model)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
                          args.resize_before_attack)
-    cfg = {"name": args.attack, "eps": args.eps, "step_size": args.step_size, "steps": args.steps}
-    attack = make_attack(args.attack, args.eps, args.step_size, args.steps)
-    results = evaluate(clip.ImageEncoder(model.visual), model, sets, attack, run, args.batch_size, args.workers)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
                 "max_per_dataset": args.max_per_dataset}
+    attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
+    encoder = clip.ImageEncoder(model.visual)
+    if len(chosen) > 1:  # one robust column per attack
+        per_attack = evaluate_attacks(encoder, model, sets, chosen, run, args.batch_size, args.workers, **attack_args)
+        configs = {a: attack_config(a, **attack_args) for a in chosen}
+        report_attacks(run, args.checkpoint or args.model, configs, per_attack, over, protocol)
+        return
+    cfg = attack_config(args.attack, **attack_args)
+    results = evaluate(encoder, model, sets, make_attack(args.attack, **attack_args), run, args.batch_size, args.workers)
     report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol)
 
 
