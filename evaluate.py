@@ -73,10 +73,10 @@ def fmt_eps(value):
 
 
 COMMON_PAPER = dict(model="ViT-B/32", epochs=10, warmup_steps=1000, eps=1 / 255, step_size=1 / 255, attack_steps=2,
-                    workers=8, eval_sets=",".join(data.ZERO_SHOT_SETS), eval_baseline=False)
+                    workers=8, eval_sets=",".join(data.ZERO_SHOT_SETS), eval_baseline=False, eval_every=0)
 COMMON_TOY = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
                   epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
-                  attack_steps=2, workers=0, eval_baseline=True)
+                  attack_steps=2, workers=0, eval_baseline=True, eval_every=50)
 
 
 def training_parser(doc):
@@ -100,6 +100,8 @@ def training_parser(doc):
     add("--out-dir", help="where the checkpoint, log, arguments and results go")
     add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     add("--log-every", type=int, default=10)
+    add("--eval-every", type=int, help="every N steps, zero-shot clean accuracy on 100 fixed images of each eval set, "
+                                       "for curve.png (default 0: off; 50 with --toy)")
     add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     add("--workers", type=int, help="data-loading processes")
     add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -244,15 +246,48 @@ def set_lr(opt, step, total, args):
     return lr
 
 
+PROBE_N = 100  # images per evaluation set in TrainLog's held-out accuracy curve
+
+
 class TrainLog:
-    """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the loss curve."""
+    """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the curves.
+
+    With --eval-every N, rank 0 also measures zero-shot clean accuracy on a fixed subset of PROBE_N images of each
+    evaluation set at the start and every N steps (encoder in eval mode, no grad). close() writes curve.json and
+    curve.png (loss, and that accuracy, over steps)."""
 
     def __init__(self, args, run, train_set, total, step, encoder):
         self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
-        self.t0, self.history = time.time(), []
+        self.t0, self.history, self.accuracy = time.time(), [], []
         run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
                 f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
                 f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
+        self.probe = self.probe_sets() if getattr(args, "eval_every", 0) and run.main else None
+        if self.probe:
+            self.measure(step)
+
+    def probe_sets(self):
+        """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
+        model = clip.load(self.args.model, device=self.run.device)
+        sets = eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution, PROBE_N)
+        return {name: (ds, text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
+
+    @torch.no_grad()
+    def measure(self, step):
+        training = self.encoder.training
+        self.encoder.eval()
+        acc = {}
+        for name, (ds, text) in self.probe.items():
+            right = 0
+            for x, y in data.make_loader(ds, self.args.batch_size):
+                with self.run.autocast():
+                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device)), text, 1.0).argmax(-1)
+                right += (pred.cpu() == y).sum().item()
+            acc[name] = 100 * right / len(ds)
+        self.encoder.train(training)
+        self.accuracy.append((step, acc))
+        self.run.log(f"step {step}: held-out clean accuracy (%, {PROBE_N} images each) " +
+                     " ".join(f"{k} {v:.1f}" for k, v in acc.items()))
 
     def check_finite(self, step, loss, terms):
         if self.run.all_sum([float(torch.isfinite(loss.detach()))])[0] < self.run.world:
@@ -260,18 +295,35 @@ class TrainLog:
                              f"checkpoint in {self.args.out_dir} is kept; try a lower --lr")
 
     def step(self, step, loss, terms, lr):
+        loss = loss.item()  # no extra wait: check_finite has synchronised on the loss already
+        self.history.append((step, loss))
+        if self.probe and (step % self.args.eval_every == 0 or step == self.total):
+            self.measure(step)
         if step % self.args.log_every and step != self.total:
             return
-        loss = loss.item()
-        self.history.append((step, loss))
         rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
         self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
                      f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
 
     def close(self):
-        if self.run.main and self.run.out_dir:
-            with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
-                json.dump({"step_loss": self.history}, f)# ----------------------------------------------------------------------------- checkpoints
+        if not (self.run.main and self.run.out_dir):
+            return
+        with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
+            json.dump({"step_loss": self.history, "eval_every": getattr(self.args, "eval_every", 0),
+                       "clean_accuracy": self.accuracy}, f)
+        names = list(self.accuracy[0][1]) if self.accuracy else []
+        acc = {n: [(s, a[n]) for s, a in self.accuracy] for n in names}
+        if len(names) > 1:
+            acc["mean"] = [(s, sum(a.values()) / len(a)) for s, a in self.accuracy]
+        panels = [(f"{self.args.method}: training loss", {"loss": self.history})]
+        if acc:
+            panels.append((f"held-out zero-shot clean accuracy (%), {PROBE_N} images each", acc))
+        path = os.path.join(self.run.out_dir, "curve.png")
+        plot_curves(path, panels)
+        self.run.log(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 def save_checkpoint(path, obj):
@@ -703,12 +755,198 @@ def final_evaluation(encoder, args, run):
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
     baseline = None
+    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
         run.log("evaluating the pre-trained encoder")
-        baseline = evaluate(clip.ImageEncoder(model.visual), model, sets, attack, run, args.batch_size, args.workers)
+        baseline = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers)
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers)
-    return report(run, args.model, cfg, results, baseline)
+    out = report(run, args.model, cfg, results, baseline)
+    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
+        save_attention(encoder, f0, model, attack, args, run)
+    return out
+
+
+# ----------------------------------------------------------------------------- pictures (PNG, drawn with Pillow)
+
+TILE = 128  # images smaller than this are upscaled (nearest neighbour) by an integer factor
+MARGIN, HEADER, TEXT_W, LINE = 4, 16, 200, 12
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+GOOD, BAD = "#1a7f37", "#c62828"
+
+
+def tile_scale(h, w):
+    return max(1, math.ceil(TILE / max(h, w)))
+
+
+def grid_size(cols, rows, h, w):
+    """(width, height) of save_grid's picture: rows x cols tiles of h x w images, and a text column on the right."""
+    s = tile_scale(h, w)
+    return MARGIN + cols * (w * s + MARGIN) + TEXT_W, HEADER + rows * (h * s + MARGIN)
+
+
+def to_pil(x, scale=1):
+    from PIL import Image
+    arr = x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    img = Image.fromarray(arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def heat(m):
+    """[H,W] map in [0,1] -> [3,H,W] colours: dark blue, blue, cyan, yellow, red (a jet-like ramp)."""
+    stops = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [1.0, 0.9, 0.0], [0.9, 0.0, 0.0]])
+    t = m.detach().float().cpu().clamp(0, 1) * (len(stops) - 1)
+    lo = t.floor().long().clamp(max=len(stops) - 2)
+    frac = (t - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).permute(2, 0, 1)
+
+
+def overlay(x, m):
+    return 0.5 * x.detach().float().cpu() + 0.5 * heat(m)
+
+
+def save_grid(path, rows, headers, notes, note_header=""):
+    """One PNG: rows of equal-size [3,H,W] images in [0,1] under column headers, each row followed by its notes,
+    lines of (text, colour)."""
+    from PIL import Image, ImageDraw
+    h, w = rows[0][0].shape[-2:]
+    s = tile_scale(h, w)
+    img = Image.new("RGB", grid_size(len(headers), len(rows), h, w), "white")
+    draw = ImageDraw.Draw(img)
+    text_x = MARGIN + len(headers) * (w * s + MARGIN)
+    for j, head in enumerate(headers + [note_header]):
+        draw.text((MARGIN + j * (w * s + MARGIN), 2), head, fill="black")
+    for i, (tiles, lines) in enumerate(zip(rows, notes)):
+        y = HEADER + i * (h * s + MARGIN)
+        for j, tile in enumerate(tiles):
+            img.paste(to_pil(tile, s), (MARGIN + j * (w * s + MARGIN), y))
+        for k, (text, colour) in enumerate(lines):
+            draw.text((text_x, y + 2 + LINE * k), text[:40], fill=colour)
+    img.save(path)
+
+
+def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
+    """examples_<dataset>.png: n fixed (seeded) images of each set, clean, adversarial and the perturbation magnified
+    to fill [0,1] (0.5 + delta / 2 eps: grey is no change), with the true class and the clean and adversarial
+    predictions."""
+    encoder.eval()
+    for name, ds in datasets.items():
+        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
+        x, y = next(iter(data.make_loader(eval_subset(ds, n, seed=1), n)))
+        x, y = data.to_device(x, run.device), y.to(run.device)
+        with run.attack_autocast():
+            x_adv = attack(classifier, x, y)
+        with torch.no_grad(), run.autocast():
+            pred, pred_adv = classifier(x).argmax(-1), classifier(x_adv).argmax(-1)
+        delta = 0.5 + (x_adv - x) / (2 * eps) if eps > 0 else torch.full_like(x, 0.5)
+        c = ds.classnames
+        notes = [[(f"true: {c[y[i]]}", "black"), (f"clean: {c[pred[i]]}", GOOD if pred[i] == y[i] else BAD),
+                  (f"adversarial: {c[pred_adv[i]]}", GOOD if pred_adv[i] == y[i] else BAD)] for i in range(len(y))]
+        path = os.path.join(out_dir, f"examples_{name}.png")
+        save_grid(path, [[x[i], x_adv[i], delta[i]] for i in range(len(y))],
+                  ["clean", f"adversarial, eps {fmt_eps(eps)}", "perturbation (scaled)"], notes, name)
+        run.log(f"wrote {path}")
+
+
+# The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the
+# set's prompt (SAFT too, whose own maps average its K description heads instead), Comp-TGA's A_cls * (1 - A_non).
+ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)", None),
+             "comp_tga": ("Comp-TGA map", ("This is a photo of a {}", "This is not a photo of a {}"))}
+
+
+def attention_images(args, resolution, n):
+    """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
+    try:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution)
+    except data.DataError:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True)
+    return eval_subset(ds, n)
+
+
+def save_attention(encoder, f0, model, attack, args, run):
+    """attention.png: for --save-attention N images, the method's text-guided attention map (clip/model.py) of the
+    pre-trained encoder f0 and the fine-tuned encoder, on the clean image and on the attack's image against that
+    encoder, overlaid on the image; the notes give each encoder's clean and adversarial prediction."""
+    title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
+    ds = attention_images(args, model.visual.input_resolution, args.save_attention)
+    x, y = next(iter(data.make_loader(ds, len(ds))))
+    x, y = data.to_device(x, run.device), y.to(run.device)
+    head = text_head(model, ds).to(run.device)
+    if prompts:
+        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
+    columns, preds = [x], []
+    for f in (f0, encoder):
+        f.eval()
+        classifier = clip.ZeroShotClassifier(f, head)
+        with run.attack_autocast():
+            x_adv = attack(classifier, x, y)
+        for img in (x, x_adv):
+            with torch.no_grad(), run.autocast():
+                tokens = f(img, all_tokens=True)
+            if prompts:
+                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
+            else:
+                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
+            columns.append(torch.stack([overlay(img[i], maps[i]) for i in range(len(y))]))
+            preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
+    c = ds.classnames
+    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", GOOD if p[i] == y[i] else BAD)
+             for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
+                                        ("fine-tuned", "adv")], preds)] for i in range(len(y))]
+    path = os.path.join(run.out_dir, "attention.png")
+    save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
+              ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
+              f"{title}, true class")
+    run.log(f"wrote {path}")
+
+
+def nice_ticks(lo, hi, n=5, least=0.0):
+    raw = max((hi - lo) / n, least)
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def plot_curves(path, panels, size=(440, 280)):
+    """One PNG of line plots side by side; panels: [(title, {series name: [(x, y), ...]})]."""
+    from PIL import Image, ImageDraw
+    pw, ph = size
+    img = Image.new("RGB", (pw * len(panels), ph), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (title, series) in enumerate(panels):
+        legend = 110 if len(series) > 1 else 0
+        x0, y0, x1, y1 = p * pw + 50, 22, (p + 1) * pw - 14 - legend, ph - 30
+        draw.text((x0, 5), title, fill="black")
+        pts = [pt for s in series.values() for pt in s]
+        if not pts:
+            draw.text((x0, y0 + 20), "not measured", fill="black")
+            continue
+        xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
+        ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
+        xhi, (ylo, yhi) = max(xhi, xlo + 1), (ylo - 0.5, yhi + 0.5) if yhi - ylo < 1e-6 else (ylo, yhi)
+        pad = 0.05 * (yhi - ylo)
+        ylo, yhi = ylo - pad, yhi + pad
+        X = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
+        Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
+        for t in nice_ticks(ylo, yhi):
+            draw.line([(x0, Y(t)), (x1, Y(t))], fill="#e8e8e8")
+            draw.text((p * pw + 4, Y(t) - 6), f"{t:.4g}", fill="black")
+        for t in nice_ticks(xlo, xhi, least=1):  # steps: whole numbers
+            draw.line([(X(t), y1), (X(t), y1 + 3)], fill="black")
+            draw.text((X(t) - 8, y1 + 5), f"{t:.4g}", fill="black")
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text(((x0 + x1) // 2 - 10, ph - 13), "step", fill="black")
+        for k, (name, s) in enumerate(series.items()):
+            colour = "black" if name == "mean" else PALETTE[k % len(PALETTE)]
+            line = [(X(x), Y(y)) for x, y in s]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
+            for px, py in line if len(line) <= 40 else []:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            if legend:
+                ly = y0 + 4 + LINE * k
+                draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
+                draw.text((x1 + 26, ly), name[:16], fill="black")
+    img.save(path)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -22,7 +22,7 @@ import data
 import evaluate
 
 PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. IV-A
-TOY = dict(lr=1e-4, max_steps=300)
+TOY = dict(lr=1e-4, max_steps=300, save_attention=8)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
@@ -32,6 +32,9 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 def add_method_args(p):
     p.add_argument("--alpha", type=float, default=0.08, help="weight of the attention refinement term (adversarial)")
     p.add_argument("--beta", type=float, default=0.05, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=int, metavar="N", help="at the end, write attention.png: the text-guided "
+                   "maps of the pre-trained and fine-tuned encoders on N clean and adversarial images (0: off, the "
+                   "default; 8 with --toy)")
 
 
 def setup_method(model, train_set, encoder, args, run):
