@@ -3,6 +3,8 @@
     python evaluate.py --toy --checkpoint runs/tecoa-toy/ckpt.pt     # toy world, offline
     python evaluate.py --model ViT-B/32 --checkpoint runs/tecoa/ckpt.pt --data-root /data --datasets cifar10,stl10
     torchrun --standalone --nproc_per_node 8 evaluate.py ...         # data-parallel evaluation
+    python evaluate.py --model ViT-L/14 --checkpoint fare_eps_2.pt   # others' released encoders (CHECKPOINT_FORMATS)
+    python evaluate.py --toy --save-examples 8                       # + examples_<set>.png: clean, adversarial, delta
 
 Robust accuracy is top-1 accuracy on the adversarial images (the AGFT convention); clean accuracy on the originals.
 
@@ -957,7 +959,8 @@ def main(argv=None):
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
     add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
-    add("--checkpoint", help="image-encoder checkpoint written by one of the training scripts")
+    add("--checkpoint", help="image-encoder checkpoint: ours, or one released with TeCoA / PMG-AFT / TGA-ZSR / SAFT / "
+                             "AGFT / FARE (open_clip), see CHECKPOINT_FORMATS")
     add("--protocol", default="agft", choices=list(PROTOCOLS),
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
              "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average); default agft")
@@ -979,6 +982,8 @@ def main(argv=None):
     add("--batch-size", type=int, default=128)
     add("--workers", type=int, default=4)
     add("--out-dir", default="runs/eval")
+    add("--save-examples", type=int, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
+        "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
     add("--device", default="auto")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     add("--seed", type=int, default=0)
@@ -1017,7 +1022,10 @@ def main(argv=None):
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
                 "max_per_dataset": args.max_per_dataset}
     attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
-    encoder = clip.ImageEncoder(model.visual)
+    encoder = clip.ImageEncoder(model.visual).to(run.device)  # its normalisation buffers too
+    if args.save_examples and run.main:  # first: seconds, and they show what the attack does
+        save_examples(encoder, model, sets, make_attack(chosen[0], **attack_args), args.eps,
+                      args.save_examples, run, args.out_dir)
     if len(chosen) > 1:  # one robust column per attack
         per_attack = evaluate_attacks(encoder, model, sets, chosen, run, args.batch_size, args.workers, **attack_args)
         configs = {a: attack_config(a, **attack_args) for a in chosen}

@@ -133,3 +133,34 @@ def test_unknown_layouts_are_refused_naming_the_keys(tmp_path):
         torch.save(obj, tmp_path / f"{name}.pt")
         with pytest.raises(evaluate.UsageError, match=words):
             evaluate.load_visual(tiny_clip(), str(tmp_path / f"{name}.pt"), "tiny")
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_save_examples_writes_a_grid_per_dataset(tiny_ckpt, tiny_folder, tmp_path):
+    evaluate.main(["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+                   "--workers", "0", "--steps", "1", "--save-examples", "2", "--out-dir", str(tmp_path)])
+    img = Image.open(tmp_path / "examples_imagefolder.png")
+    assert img.size == evaluate.grid_size(3, 2, 32, 32) == (4 + 3 * (128 + 4) + 200, 16 + 2 * (128 + 4))
+    px = np.asarray(img.convert("RGB"))
+    tile = lambda j: px[16:16 + 128, 4 + j * 132:4 + j * 132 + 128]  # noqa: E731  row 0, column j
+    assert (tile(0) != 255).any() and not np.array_equal(tile(0), tile(1))  # an image; the attack changed it
+    assert np.array_equal(tile(0)[::4, ::4], tile(0)[1::4, 1::4])  # upscaled x4, nearest neighbour
+
+
+def test_curve_and_attention_pictures_after_two_steps(tiny_ckpt, tiny_folder, tmp_path):
+    import tga_zsr
+    tga_zsr.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path, "--eval-every", "1", "--save-attention", "2"))
+    curve = json.load(open(tmp_path / "curve.json"))
+    assert [s for s, _ in curve["clean_accuracy"]] == [0, 1, 2] and [s for s, _ in curve["step_loss"]] == [1, 2]
+    assert all(0 <= acc["imagefolder"] <= 100 for _, acc in curve["clean_accuracy"])
+    assert Image.open(tmp_path / "curve.png").size == (2 * 440, 280)
+    assert Image.open(tmp_path / "attention.png").size == evaluate.grid_size(5, 2, 32, 32)
+
+
+def test_curve_without_accuracy_is_the_loss_alone(tiny_ckpt, tiny_folder, tmp_path):
+    import tecoa
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path, "--no-eval-baseline"))
+    assert json.load(open(tmp_path / "curve.json"))["clean_accuracy"] == []
+    assert Image.open(tmp_path / "curve.png").size == (440, 280)
