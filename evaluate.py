@@ -619,13 +619,16 @@ def report_attacks(run, model_name, configs, per_attack, over=None, protocol=Non
     clean = {n: first[n]["clean"] for n in names}
     robust = {n: {a: per_attack[a][n]["robust"] for a in per_attack} for n in names}
     avg = {"clean": mean([clean[n] for n in over]), "robust": {a: mean([robust[n][a] for n in over]) for a in per_attack}}
-    widths = [max(len(a), 6) + 2 for a in per_attack]
+    heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
+    widths = [max(len(h), 6) + 2 for h in heads]
+    label_w = max(len(a) for a in ["clean", *per_attack]) + 2
     eps = next(iter(configs.values()))["eps"]
-    lines = [f"\nzero-shot top-1 (%) at eps {fmt_eps(eps)}, clean and under each attack",
-             f"{'dataset':<16}{'clean':>8}" + "".join(f"{a:>{w}}" for a, w in zip(per_attack, widths))]
-    for n in names + ["average"]:
-        c, r = (avg["clean"], avg["robust"]) if n == "average" else (clean[n], robust[n])
-        lines.append(f"{n:<16}{c:>8.2f}" + "".join(f"{r[a]:>{w}.2f}" for a, w in zip(per_attack, widths)))
+    lines = [f"\nzero-shot top-1 (%) at eps {fmt_eps(eps)}: clean, then under each attack (scored on the true label)",
+             " " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
+    rows = [("clean", [clean[n] for n in names] + [avg["clean"]])]
+    rows += [(a, [robust[n][a] for n in names] + [avg["robust"][a]]) for a in per_attack]
+    for label, cells in rows:
+        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
     run.log("\n".join(lines))
     failed = [f"{a}: {msg}" for a, res in per_attack.items() for msg in sanity_checks(res, configs[a]["eps"])]
     for msg in failed:
