@@ -9,7 +9,6 @@ Each step is exactly the loop body of the training scripts (targets, attack, los
 steps are not timed. Passes count image-encoder passes over the batch (fine-tuned and frozen): the training
 attack's, and all others (per-batch targets and the loss), which the AGFT paper's Table 10 counts.
 """
-import argparse
 import importlib
 import resource
 import time
@@ -166,7 +165,7 @@ def bench_eval(args, run):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = evaluate.Parser(__doc__)
     p.add_argument("--model", default="ViT-B/32", help=f"toy | {' | '.join(CONFIGS)}")
     p.add_argument("--method", choices=METHODS, help="one method (default: all six)")
     p.add_argument("--batch-size", type=int, default=128)

@@ -56,6 +56,17 @@ def cli(main):
             dist.destroy_process_group()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'."""
+
+    def __init__(self, doc):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_eps(text):
     """'1/255' or a float in [0, 1]. A bare number > 1 such as '4' is refused: it almost surely meant 4/255."""
     try:
@@ -83,7 +94,7 @@ COMMON_TOY = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data
 
 def training_parser(doc):
     """The flags every training script shares. Flags left at None are filled by the paper or --toy preset."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(doc)
     add = p.add_argument
     add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU")
     add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
@@ -501,16 +512,22 @@ def eval_subset(dataset, max_n, seed=0):
     return sub
 
 
-def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name=""):
-    """Clean and robust top-1 accuracy (%) of `classifier` on `dataset`, and how many images the attack moved."""
+def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", attack0=None):
+    """Clean and robust top-1 accuracy (%) of `classifier` on `dataset`, how many images the attack moved, and (with
+    attack0, the same attack at eps 0, run on the first batch) how many predictions eps 0 changed (should be 0)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
     loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
     progress = Progress(run, f"  {name}", len(dataset))
-    clean = robust = moved = n = 0
+    clean = robust = moved = n = eps0_changed = 0
     for x, y in loader:
         x, y = data.to_device(x, run.device), y.to(run.device)
         with torch.no_grad(), run.autocast():
             pred = classifier(x).argmax(-1)
+        if attack0 is not None and n == 0:
+            with run.attack_autocast():
+                x0 = attack0(classifier, x, y)
+            with torch.no_grad(), run.autocast():
+                eps0_changed = (classifier(x0).argmax(-1) != pred).sum().item()
         with run.attack_autocast():
             x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
@@ -520,8 +537,9 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name=""):
         moved += (x_adv != x).flatten(1).any(1).sum().item()
         n += len(y)
         progress.update(len(y) * run.world)
-    clean, robust, moved, n = run.all_sum([clean, robust, moved, n])
-    return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved)}
+    clean, robust, moved, n, eps0_changed = run.all_sum([clean, robust, moved, n, eps0_changed])
+    return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
+            "eps0_changed": int(eps0_changed)}
 
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
@@ -590,22 +608,23 @@ def attack_config(name, eps, step_size, steps, apgd_steps=100, aa="seed"):
     return cfg
 
 
-def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0):
-    """{dataset: {clean, robust, n}} for the image encoder `encoder` (pixel space) and CLIP text tower `model`."""
+def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0, attack0=None):
+    """{dataset: {clean, robust, n, ...}} for the image encoder `encoder` (pixel space) and CLIP text tower `model`;
+    attack0 (the attack at eps 0) is checked on one batch per set."""
     results = {}
     encoder.eval()
     for name, ds in datasets.items():
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
-        results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name)
+        results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name, attack0)
     return results
 
 
 def evaluate_attacks(encoder, model, datasets, names, run, batch_size=128, workers=0, **attack_args):
     """{attack: evaluate(...) results} for several attacks; attack_args: those of attack_table."""
-    table, out = attack_table(**attack_args), {}
+    table, table0, out = attack_table(**attack_args), attack_table(**{**attack_args, "eps": 0.0}), {}
     for name in names:
         run.log(f"attack {name}")
-        out[name] = evaluate(encoder, model, datasets, table[name], run, batch_size, workers)
+        out[name] = evaluate(encoder, model, datasets, table[name], run, batch_size, workers, table0[name])
     return out
 
 
@@ -631,6 +650,9 @@ def report_attacks(run, model_name, configs, per_attack, over=None, protocol=Non
         lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
     run.log("\n".join(lines))
     failed = [f"{a}: {msg}" for a, res in per_attack.items() for msg in sanity_checks(res, configs[a]["eps"])]
+    if "autoattack" in per_attack and "pgd" in per_attack:  # AutoAttack is the stronger attack
+        failed += [f"{n}: AutoAttack {robust[n]['autoattack']:.2f} > PGD {robust[n]['pgd']:.2f}" for n in names
+                   if robust[n]["autoattack"] > robust[n]["pgd"] + 100 / max(first[n]["n"], 1)]
     for msg in failed:
         run.log(f"SANITY CHECK FAILED: {msg}")
     out = {"model": model_name, "attacks": configs, "clean": clean, "robust": robust, "average": avg,
@@ -653,7 +675,30 @@ def sanity_checks(results, eps):
             failed.append(f"{name}: the attack at eps {fmt_eps(eps)} returned the clean images (broken attack?)")
         if eps == 0 and r["robust"] != r["clean"]:
             failed.append(f"{name}: at eps 0 robust {r['robust']:.2f} != clean {r['clean']:.2f}")
+        if r.get("eps0_changed"):
+            failed.append(f"{name}: the attack at eps 0 changed {r['eps0_changed']} predictions of one batch")
     return failed
+
+
+def eps_sweep(encoder, model, datasets, name, attack_args, run, batch_size=128, workers=0, n=200):
+    """--check: robust accuracy of attack `name` at eps/2, eps, 2 eps on the same n images of each set; a larger eps
+    must never give a higher robust accuracy (one image of slack for random starts). Returns (sweep, failed)."""
+    eps = attack_args["eps"]
+    sets = {k: eval_subset(ds, n, seed=1) for k, ds in datasets.items()}
+    sweep = {}
+    for e in (eps / 2, eps, min(2 * eps, 1.0)):
+        torch.manual_seed(0)
+        args = {**attack_args, "eps": e, "step_size": min(attack_args["step_size"], e)}
+        res = evaluate(encoder, model, sets, make_attack(name, **args), run, batch_size, workers)
+        sweep[fmt_eps(e)] = {k: r["robust"] for k, r in res.items()}
+    failed, epss = [], list(sweep)
+    for k in sets:
+        for lo, hi in zip(epss, epss[1:]):
+            if sweep[hi][k] > sweep[lo][k] + 100 / max(len(sets[k]), 1):
+                failed.append(f"{k}: robust {sweep[hi][k]:.2f} at eps {hi} > {sweep[lo][k]:.2f} at eps {lo}")
+    run.log("eps sweep (robust %): " + "; ".join(f"{e}: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items())
+                                                for e, s in sweep.items()))
+    return sweep, failed
 
 
 def averaged(results, over=None):
@@ -708,11 +753,12 @@ def table(models, names=None, over=None):
     return "\n".join(lines)
 
 
-def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None):
+def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None):
     """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
 
-    names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON."""
-    failed = sanity_checks(results, attack_cfg["eps"])
+    names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON;
+    sweep: eps_sweep's (sweep, failed)."""
+    failed = sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else [])
     models = {"before": baseline, "after": results} if baseline else {"model": results}
     run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
             f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over)}")
@@ -724,6 +770,8 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
         out["protocol"] = protocol
     if baseline:
         out["baseline"] = {"results": baseline, "average": average(baseline, over)}
+    if sweep:
+        out["checks"]["eps_sweep"] = sweep[0]
     if run.main and run.out_dir:
         with open(os.path.join(run.out_dir, "results.json"), "w") as f:
             json.dump(out, f, indent=2)
@@ -758,14 +806,15 @@ def final_evaluation(encoder, args, run):
     step = args.eps / 4 if args.toy else 1 / 255
     cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
+    attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
     baseline = None
     f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
         run.log("evaluating the pre-trained encoder")
-        baseline = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers)
+        baseline = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
     run.log("evaluating the fine-tuned encoder")
-    results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers)
+    results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
     out = report(run, args.model, cfg, results, baseline)
     if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
@@ -827,7 +876,7 @@ def save_grid(path, rows, headers, notes, note_header=""):
             img.paste(to_pil(tile, s), (MARGIN + j * (w * s + MARGIN), y))
         for k, (text, colour) in enumerate(lines):
             draw.text((text_x, y + 2 + LINE * k), text[:40], fill=colour)
-    img.save(path)
+    img.save(path, optimize=True)
 
 
 def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
@@ -951,14 +1000,14 @@ def plot_curves(path, panels, size=(440, 280)):
                 ly = y0 + 4 + LINE * k
                 draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
                 draw.text((x1 + 26, ly), name[:16], fill="black")
-    img.save(path)
+    img.save(path, optimize=True)
 
 
 # ----------------------------------------------------------------------------- command line
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
     add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
@@ -989,6 +1038,8 @@ def main(argv=None):
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
     add("--device", default="auto")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    add("--check", action="store_true", help="also run an eps sweep (eps/2, eps, 2 eps) on 200 images per set and "
+                                             "check that robust accuracy never rises with eps")
     add("--seed", type=int, default=0)
     args = p.parse_args(argv)
     proto = PROTOCOLS[args.protocol]
@@ -1035,8 +1086,10 @@ def main(argv=None):
         report_attacks(run, args.checkpoint or args.model, configs, per_attack, over, protocol)
         return
     cfg = attack_config(args.attack, **attack_args)
-    results = evaluate(encoder, model, sets, make_attack(args.attack, **attack_args), run, args.batch_size, args.workers)
-    report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol)
+    results = evaluate(encoder, model, sets, make_attack(args.attack, **attack_args), run, args.batch_size, args.workers,
+                       make_attack(args.attack, **{**attack_args, "eps": 0.0}))
+    sweep = eps_sweep(encoder, model, sets, args.attack, attack_args, run, args.batch_size, args.workers) if args.check else None
+    report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol, sweep=sweep)
 
 
 if __name__ == "__main__":

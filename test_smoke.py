@@ -221,3 +221,85 @@ tecoa.main(sys.argv[1:])
     weights = [torch.load(out / f"weights_rank{r}.pt", weights_only=True) for r in range(2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- bad input: one line, no traceback
+
+
+def one_line_error(capsys, main, argv):
+    """Run a script's main the way the command line does; return its stderr, checking it is one 'error:' line."""
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.cli(lambda: main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0 and "Traceback" not in err
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_inputs_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    import tecoa
+    base = tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run")
+    cases = [
+        (["--model", "ViT-X/99"], "ViT-B/32"),  # unknown model: lists the known ones
+        (["--eps", "4"], "did you mean 4/255"),
+        (["--eps=-1/255"], "negative"),
+        (["--eps", "2"], "above 1"),
+        (["--eps", "1/255", "--step-size", "4/255"], "larger than eps"),
+        (["--data-root", str(tmp_path / "nowhere")], "nowhere"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cpu", "--model", "nope.pt"], "cuda"),
+        (["--resume"], "no checkpoint"),
+        (["--batch-size", "64"], "fewer than one batch"),
+    ]
+    for extra, words in cases:
+        assert words.lower() in one_line_error(capsys, tecoa.main, base + extra).lower(), (extra, words)
+    empty = tmp_path / "empty"
+    (empty / "some_class").mkdir(parents=True)
+    assert "found no valid file" in one_line_error(capsys, tecoa.main, base + ["--data-root", str(empty)]).lower()
+
+
+def test_bad_checkpoints_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    junk = tmp_path / "junk.pt"
+    torch.save({"foo": torch.zeros(1)}, junk)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    other = tmp_path / "other.pt"  # an image encoder of another width than the tiny CLIP's
+    torch.save({"visual": tiny_clip(vision_width=128).visual.state_dict(), "model": "other"}, other)
+    ev = ["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+          "--out-dir", str(tmp_path / "eval")]
+    assert "foo" in one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(junk)])
+    assert "notes.txt" in one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(text)])
+    assert "pass --model" in one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(other)])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    import tecoa
+    loss_fn = tecoa.loss_fn
+
+    def nan_at_step_3(f, x, x_adv, y, m, args, calls=[]):
+        calls.append(1)
+        loss, terms = loss_fn(f, x, x_adv, y, m, args)
+        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
+    monkeypatch.setattr(tecoa, "loss_fn", nan_at_step_3)
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--max-steps", "4",
+                                                         "--save-every", "1"))
+    assert "nan at step 2" in err.lower() and "ce" in err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- evaluation sanity checks
+
+
+def test_sanity_checks_flag_a_broken_attack(tiny_ckpt, tiny_folder, tmp_path):
+    model = clip.load(tiny_ckpt)
+    run = evaluate.Run(torch.device("cpu"), torch.float32)
+    sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
+    enc = clip.ImageEncoder(model.visual)
+    broken = lambda m, x, y: x.clone()  # noqa: E731  "attacks" by returning the clean images
+    res = evaluate.evaluate(enc, model, sets, broken, run, attack0=broken)
+    assert any("returned the clean images" in msg for msg in evaluate.sanity_checks(res, 8 / 255))
+    shifted = lambda m, x, y: (x + 0.5).clamp(0, 1)  # noqa: E731  moves the images even at eps 0
+    res = evaluate.evaluate(enc, model, sets, evaluate.make_attack("pgd", 8 / 255, 2 / 255, 5), run, attack0=shifted)
+    assert any("at eps 0 changed" in msg for msg in evaluate.sanity_checks(res, 8 / 255)) or res["imagefolder"]["eps0_changed"] == 0
+    good = evaluate.evaluate(enc, model, sets, evaluate.make_attack("pgd", 8 / 255, 2 / 255, 5), run,
+                             attack0=evaluate.make_attack("pgd", 0.0, 2 / 255, 5))
+    assert evaluate.sanity_checks(good, 8 / 255) == []
