@@ -1,19 +1,43 @@
-"""Smoke tests: CPU, offline, tiny random CLIPs and files written here. Run: python -m pytest -q test_smoke.py"""
+"""The project's tests: CPU, offline, tiny random CLIPs and fake files written here.
+
+Run: python -m pytest -q test_smoke.py
+"""
+import hashlib
+import io
 import json
 import os
+import pickle
+import struct
 import subprocess
 import sys
+import types
+import urllib.error
+import urllib.request
+import warnings
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision
 from PIL import Image
+from torch import nn
 
+import agft
 import attacks
 import clip
+import clip.loader
+import comp_tga
 import data
 import evaluate
+import pmg_aft
+import saft
+import tecoa
+import tga_zsr
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+torch.set_num_threads(min(2, torch.get_num_threads()))  # tiny models; the machines these run on are often shared
 
 
 # ----------------------------------------------------------------------------- fixtures: a tiny CLIP and a tiny image folder
@@ -131,7 +155,6 @@ def tecoa_args(tiny_ckpt, tiny_folder, out, *extra):
 
 
 def test_tecoa_two_steps_then_evaluate(tiny_ckpt, tiny_folder, tmp_path):
-    import tecoa
     tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run"))
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["method"] == "tecoa"
@@ -145,7 +168,6 @@ def test_tecoa_two_steps_then_evaluate(tiny_ckpt, tiny_folder, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
-    import tecoa
     four = ("--max-steps", "4", "--save-every", "2", "--no-eval-baseline")
     tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "a", *four))
 
@@ -237,7 +259,6 @@ def one_line_error(capsys, main, argv):
 
 
 def test_bad_inputs_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path):
-    import tecoa
     base = tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run")
     cases = [
         (["--model", "ViT-X/99"], "ViT-B/32"),  # unknown model: lists the known ones
@@ -272,7 +293,6 @@ def test_bad_checkpoints_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
-    import tecoa
     loss_fn = tecoa.loss_fn
 
     def nan_at_step_3(f, x, x_adv, y, m, args, calls=[]):
@@ -303,3 +323,1111 @@ def test_sanity_checks_flag_a_broken_attack(tiny_ckpt, tiny_folder, tmp_path):
     good = evaluate.evaluate(enc, model, sets, evaluate.make_attack("pgd", 8 / 255, 2 / 255, 5), run,
                              attack0=evaluate.make_attack("pgd", 0.0, 2 / 255, 5))
     assert evaluate.sanity_checks(good, 8 / 255) == []
+
+# ----------------------------------------------------------------------------- section: clip/
+# Loading both checkpoint kinds, model outputs, tokenizer ids, download errors.
+
+
+# The real hyper-parameters of two released models; state dicts built from them have OpenAI's names and shapes.
+VIT_B32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+               context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+RN50 = dict(VIT_B32, embed_dim=1024, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None)
+# Shapes read off OpenAI's model classes (openai-clip 1.0.1) for the same configurations.
+REAL = {"ViT-B/32": (VIT_B32, 302, {"visual.conv1.weight": (768, 3, 32, 32), "visual.class_embedding": (768,),
+                                    "visual.positional_embedding": (50, 768), "visual.proj": (768, 512),
+                                    "visual.transformer.resblocks.11.attn.in_proj_weight": (2304, 768),
+                                    "token_embedding.weight": (49408, 512), "text_projection": (512, 512)}),
+        "RN50": (RN50, 489, {"visual.conv1.weight": (32, 3, 3, 3), "visual.layer4.2.conv3.weight": (2048, 512, 1, 1),
+                             "visual.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+                             "visual.attnpool.positional_embedding": (50, 2048),
+                             "visual.attnpool.c_proj.weight": (1024, 2048), "text_projection": (512, 1024)})}
+TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY_RN = dict(TINY_VIT, vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None)
+
+
+def random_clip(config, seed=0):
+    """A CLIP with random weights, BatchNorm included (so no residual branch is zero)."""
+    torch.manual_seed(seed)
+    model = clip.CLIP(**config)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 0.7)
+            nn.init.normal_(m.bias, std=0.02)
+            nn.init.normal_(m.running_mean, std=0.1)
+            nn.init.uniform_(m.running_var, 0.5, 1.5)
+    return model.eval()
+
+
+class Box(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def save_torchscript(state_dict, path):
+    """A TorchScript archive like OpenAI's: a scripted module whose state_dict() holds these names and tensors."""
+    root = Box()
+    for name, tensor in state_dict.items():
+        *parents, leaf = name.split(".")
+        module = root
+        for p in parents:
+            if p not in module._modules:
+                module.add_module(p, Box())
+            module = module._modules[p]
+        module.register_buffer(leaf, tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated
+        torch.jit.script(root).save(str(path))
+
+
+def openai_style(state_dict):
+    """fp16 weights plus the three integer entries OpenAI's archives carry."""
+    out = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return {**out, "input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+            "vocab_size": torch.tensor(49408)}
+
+
+def check_forward(model, images, texts, repeat=True):
+    """model(images, tokens) equals the features computed step by step; with repeat, encoding is deterministic."""
+    tokens = clip.tokenize(texts)
+    with torch.no_grad():
+        logits_per_image, logits_per_text = model(images, tokens)
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        if repeat:
+            assert torch.equal(model.encode_image(images), image) and torch.equal(model.encode_text(tokens), text)
+    expected = model.logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).t()
+    assert logits_per_image.shape == (len(images), len(texts))
+    torch.testing.assert_close(logits_per_image, expected, rtol=0, atol=1e-5)
+    assert torch.equal(logits_per_text, logits_per_image.t())
+    return image, text
+
+
+# ----------------------------------------------------------------------------- released architectures, both file kinds
+
+@pytest.fixture(params=["ViT-B/32", "RN50"])
+def released(request, tmp_path_factory):
+    config, n_keys, shapes = REAL[request.param]
+    reference = random_clip(config).state_dict()
+    assert len(reference) == n_keys and all(tuple(reference[k].shape) == s for k, s in shapes.items())
+    folder = tmp_path_factory.mktemp(request.param.replace("/", "-"))
+    torch.save(reference, folder / "plain.pt")
+    save_torchscript(openai_style(reference), folder / "openai.pt")
+    yield request.param, reference, folder
+    for f in folder.iterdir():  # ~1 GB: don't leave it to pytest's retention of temporary folders
+        f.unlink()
+
+
+def test_load_released_architectures(released):
+    name, reference, folder = released
+    plain = clip.load(str(folder / "plain.pt"))
+    for k, v in plain.state_dict().items():  # every weight exactly as saved
+        assert v.dtype == reference[k].dtype and torch.equal(v, reference[k]), k
+    del plain
+    model = clip.load(str(folder / "openai.pt"))  # fp16 TorchScript -> fp32
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k].half().to(v.dtype)), k
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # one: CPU time is scarce
+    image, text = check_forward(model, images, ["a photo of a dog.", "a diagram"], repeat=False)
+    dim = REAL[name][0]["embed_dim"]
+    assert image.shape == (1, dim) and text.shape == (2, dim) and image.isfinite().all()
+    if name == "ViT-B/32":
+        with torch.no_grad():
+            tokens = model.encode_image(images, all_tokens=True)
+        assert tokens.shape == (1, 50, 512)
+        torch.testing.assert_close(tokens[:, 0], image, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- small models: file variants, helpers
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    model = random_clip(TINY_VIT)
+    torch.save(model.state_dict(), folder / "tiny.pt")
+    return model, folder
+
+
+@pytest.mark.parametrize("config", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
+def test_tiny_models_build_from_shapes(config, tmp_path):
+    reference = random_clip(config, seed=1)
+    save_torchscript(openai_style(reference.state_dict()), tmp_path / "m.pt")
+    model = clip.load(str(tmp_path / "m.pt"))
+    assert model.visual.input_resolution == 32 and model.context_length == 77
+    rebuilt = clip.build_model(model.state_dict())  # a copy, sharing no memory with its source
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(rebuilt.parameters(), model.parameters()))
+    check_forward(model, torch.rand(3, 3, 32, 32), ["one", "two", "three", "four"])
+    if config is TINY_RN:
+        with pytest.raises(ValueError):
+            model.encode_image(torch.rand(1, 3, 32, 32), all_tokens=True)
+
+
+def test_wrapped_state_dict_and_device(tiny, tmp_path):
+    model, _ = tiny
+    wrapped = {"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 3}
+    torch.save(wrapped, tmp_path / "ddp.pt")
+    loaded = clip.load(tmp_path / "ddp.pt", device=torch.device("cpu"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_encode_text(tiny):
+    model, _ = tiny
+    prompts = ["a photo of a cat", "a photo of a dog", "word " * 100]  # the last one is truncated
+    features = clip.encode_text(model, prompts, batch_size=2)
+    assert features.shape == (3, 32) and features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(3))
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(clip.tokenize(prompts, truncate=True)), dim=-1)
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(clip.encode_text(model, "a photo of a cat"), features[:1])
+
+
+def test_toy_dispatch(monkeypatch):
+    fake = types.ModuleType("clip.toy")
+    fake.load_toy = lambda device: ("toy model on", device)
+    monkeypatch.setitem(sys.modules, "clip.toy", fake)
+    assert clip.load("toy", device="cpu") == ("toy model on", "cpu")
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_bad_paths_and_files(tmp_path):
+    with pytest.raises(clip.CLIPError, match="RN50x64, ViT-B/32.*no file at"):
+        clip.load("ViT-B/33")
+    with pytest.raises(clip.CLIPError, match="no file at"):
+        clip.load(str(tmp_path / "missing.pt"))
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(clip.CLIPError, match="not a CLIP state dict: it lacks token_embedding.weight") as e:
+        clip.load(str(tmp_path / "other.pt"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(clip.CLIPError, match="not a PyTorch checkpoint") as e2:
+        clip.load(str(tmp_path / "notes.txt"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(clip.CLIPError, match="holds a list"):
+        clip.load(str(tmp_path / "list.pt"))
+    assert "\n" not in str(e.value) + str(e2.value)
+
+
+def test_wrong_shapes_give_clip_error(tiny, tmp_path):
+    state_dict = dict(tiny[0].state_dict())
+    state_dict["ln_final.bias"] = torch.zeros(7)
+    torch.save(state_dict, tmp_path / "bad.pt")
+    with pytest.raises(clip.CLIPError, match="does not fit the CLIP architecture"):
+        clip.load(str(tmp_path / "bad.pt"))
+
+
+def serve(files):
+    """A stand-in for urllib.request.urlopen serving {url: bytes}, answering 404 for anything else."""
+    def urlopen(request, timeout=None):
+        url = request.full_url
+        if url not in files:
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        response = io.BytesIO(files[url])
+        response.headers = {"Content-Length": str(len(files[url]))}
+        return response
+    return urlopen
+
+
+def test_offline_error_names_urls_and_paths(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network (test)")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("NANOZSAR_CLIP_CACHE", str(tmp_path / "env"))
+    with pytest.raises(clip.CLIPError) as e:
+        clip.load("ViT-B/32")
+    message = str(e.value)
+    assert "\n" not in message and "no network (test)" in message
+    sha = clip.loader.MODELS["ViT-B/32"][0]
+    assert f"https://openaipublic.azureedge.net/clip/models/{sha}/ViT-B-32.pt" in message
+    mirror = "https://huggingface.co/timm/vit_base_patch32_clip_224.openai/resolve/main/open_clip_pytorch_model.bin"
+    assert mirror in message
+    assert os.path.join(str(tmp_path / "env"), "ViT-B-32.pt") in message
+    with pytest.raises(clip.CLIPError, match=str(tmp_path / "root")):  # download_root beats the variable
+        clip.load("RN50", download_root=str(tmp_path / "root"))
+
+
+def test_checksum_mismatch_keeps_nothing(tmp_path, monkeypatch):
+    url = clip.loader.OPENAI_URL.format(sha256=clip.loader.MODELS["RN101"][0], stem="RN101")
+    monkeypatch.setattr(urllib.request, "urlopen", serve({url: b"not the model"}))
+    with pytest.raises(clip.CLIPError, match="SHA-256 mismatch.*HTTP 404"):
+        clip.load("RN101", download_root=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_checks_sha256_and_caches(tiny, tmp_path, monkeypatch, capsys):
+    blob = (tiny[1] / "tiny.pt").read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    monkeypatch.setitem(clip.loader.MODELS, "ViT-B/32", (sha, "vit_base_patch32_clip_224"))
+    url = clip.loader.OPENAI_URL.format(sha256=sha, stem="ViT-B-32")
+    monkeypatch.setattr(urllib.request, "urlopen", serve({url: blob}))
+    model = clip.load("ViT-B/32", download_root=str(tmp_path))
+    assert os.listdir(tmp_path) == ["ViT-B-32.pt"] and url in capsys.readouterr().err
+    assert torch.equal(model.visual.proj, tiny[0].visual.proj)
+    monkeypatch.setattr(urllib.request, "urlopen", serve({}))  # the cached copy needs no network
+    assert torch.equal(clip.load("ViT-B/32", download_root=str(tmp_path)).visual.proj, tiny[0].visual.proj)
+
+
+def test_mirror_fallback_and_hand_placed_file(tiny, tmp_path, monkeypatch, capsys):
+    blob = (tiny[1] / "tiny.pt").read_bytes()
+    mirror = clip.loader.MIRROR_URL.format(arch="resnet50_clip")
+    monkeypatch.setattr(urllib.request, "urlopen", serve({mirror: blob}))  # OpenAI's URL answers 404
+    clip.load("RN50", download_root=str(tmp_path / "a"))
+    assert os.listdir(tmp_path / "a") == ["resnet50_clip.openai.bin"] and mirror in capsys.readouterr().err
+    os.makedirs(tmp_path / "b")
+    (tmp_path / "b" / "resnet50_clip.openai.bin").write_bytes(blob)  # placed by hand, as the error message says
+    monkeypatch.setattr(urllib.request, "urlopen", serve({}))
+    clip.load("RN50", download_root=str(tmp_path / "b"))
+
+
+# ----------------------------------------------------------------------------- tokenizer (ids checked against OpenAI's)
+
+TOKEN_IDS = {
+    "a photo of a dog.": [320, 1125, 539, 320, 1929, 269],
+    "A PHOTO OF A DOG.": [320, 1125, 539, 320, 1929, 269],
+    "  a\tphoto\n\nof   a dog.  ": [320, 1125, 539, 320, 1929, 269],
+    "Tom &amp; Jerry": [2435, 261, 9164],
+    "&amp;lt;3": [283, 274],
+    "café naïve": [15304, 1097, 35689, 563],
+    "東京": [48338, 21078, 361],
+    "😀": [7334],
+    "it's don't": [585, 568, 847, 713],
+    "3.14": [274, 269, 272, 275],
+    "hello<|endoftext|>world": [3306, 49407, 1002],
+    "â€œquotedâ€\x9d": [257, 27706, 257],  # mojibake, repaired by ftfy
+    "a 'photo' of an airplane!?": [320, 262, 1125, 262, 539, 550, 16451, 6004],
+    "bicycle-built-for-two": [11652, 268, 3874, 268, 556, 268, 1237],
+    "\u00a0x\u2003y": [343, 344],
+    "": [],
+}
+
+
+@pytest.mark.parametrize("text", list(TOKEN_IDS))
+def test_token_ids(text):
+    ids = [49406, *TOKEN_IDS[text], 49407]
+    tokens = clip.tokenize(text)
+    assert tokens.dtype == torch.long and tokens.shape == (1, 77)
+    assert tokens[0, :len(ids)].tolist() == ids and not tokens[0, len(ids):].any()
+
+
+def test_tokenize_lengths():
+    assert clip.tokenize(["a", "b c"], context_length=5).tolist() == [[49406, 320, 49407, 0, 0],
+                                                                      [49406, 321, 322, 49407, 0]]
+    fits = " ".join(["dog"] * 75)  # 75 tokens + SOT + EOT = 77
+    assert clip.tokenize(fits)[0, -1] == 49407
+    long = fits + " dog"
+    with pytest.raises(RuntimeError, match="'dog dog .*context length 77"):
+        clip.tokenize(["short", long])
+    cut = clip.tokenize(long, truncate=True)[0]
+    assert cut[:76].tolist() == [49406] + [1929] * 75 and cut[76] == 49407
+
+# ----------------------------------------------------------------------------- section: datasets
+# Tiny fake copies of every set in its real on-disk format, loaded through data.load_dataset.
+
+
+RES = 32  # the "model resolution" of these tests
+
+
+# ----------------------------------------------------------------------------- writing fake files
+
+
+def write_image(path, w=12, h=10, value=90, mode="RGB"):
+    """A small solid image; the format follows the extension (.jpg, .JPEG -> JPEG)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, (w, h), value if mode == "L" else (value, 255 - value, 40)).save(path)
+
+
+def write_lines(path, lines):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def write_mat(path, arrays):
+    """A MATLAB 5 .mat file of double row vectors, uncompressed (the format MATLAB's save -v6 writes)."""
+    def element(kind, payload):
+        return struct.pack("<II", kind, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+    body = b""
+    for name, values in arrays.items():
+        values = np.asarray(values, dtype="<f8")
+        matrix = (element(6, struct.pack("<II", 6, 0))  # array flags: class double
+                  + element(5, struct.pack("<ii", 1, len(values)))  # dimensions 1 x n
+                  + element(1, name.encode()) + element(9, values.tobytes()))
+        body += element(14, matrix)
+    header = b"MATLAB 5.0 MAT-file, written by nanoZSAR's tests".ljust(116) + b"\0" * 8 + struct.pack("<H", 0x0100)
+    with open(path, "wb") as f:
+        f.write(header + b"IM" + body)
+
+
+def load(name, root, **kw):
+    return data.load_dataset(name, str(root), RES, **kw)
+
+
+def check(ds, n, classnames, template, shape=(3, RES, RES), dtype=torch.float32):
+    """Size, names, prompts, label range and image size of a loaded set."""
+    assert len(ds) == n
+    assert ds.classnames == classnames and ds.template == template
+    assert data.prompts(ds) == [template.format(c) for c in classnames]
+    for i in range(len(ds)):
+        x, y = ds[i]
+        assert tuple(x.shape) == shape and x.dtype == dtype
+        assert 0 <= int(y) < len(classnames)
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def one_line_data_error(match, fn, *args, **kw):
+    with pytest.raises(data.DataError, match=match) as e:
+        fn(*args, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.fixture
+def no_checksums(monkeypatch):
+    """torchvision checks the MD5 of the CIFAR and STL-10 files, which fake copies cannot match."""
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
+
+
+# ----------------------------------------------------------------------------- the zero-shot sets
+
+
+def test_caltech101_merges_the_faces_into_person(tmp_path):
+    cats = tmp_path / "caltech101" / "101_ObjectCategories"
+    for c in ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "car_side"]:
+        for i in (1, 2):
+            # grey JPEGs occur
+            write_image(str(cats / c / f"image_{i:04d}.jpg"), mode="L" if c == "car_side" else "RGB")
+    labels = check(load("caltech101", tmp_path), 8, ["person", "leopards", "car side"], "A photo of a {}.")
+    assert labels == [0, 0, 0, 0, 1, 1, 2, 2]
+
+
+def test_caltech256_drops_number_and_101_suffix(tmp_path):
+    cats = tmp_path / "caltech256" / "256_ObjectCategories"
+    for c in ["001.ak47", "145.motorbikes-101", "257.clutter"]:
+        write_image(str(cats / c / f"{c[:3]}_0001.jpg"))
+    write_lines(str(cats / "001.ak47" / "notes.txt"), ["not an image"])
+    labels = check(load("caltech256", tmp_path), 3, ["ak47", "motorbikes", "clutter"], "A photo of a {}.")
+    assert labels == [0, 1, 2]
+
+
+def write_cifar(root, n=4, hundred=False):
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    os.makedirs(folder)
+    names = ["apple", "aquarium_fish", "baby"] if hundred else ["airplane", "automobile", "bird"]
+    key, meta, batch = ("fine_label", "meta", "test") if hundred else ("label", "batches.meta", "test_batch")
+    with open(folder / meta, "wb") as f:
+        pickle.dump({f"{key}_names": names}, f)
+    entry = {"data": np.arange(n * 3072, dtype=np.uint8).reshape(n, 3072), f"{key}s": [i % 3 for i in range(n)]}
+    for file in [batch] + ([] if hundred else [f"data_batch_{i}" for i in range(1, 6)]):
+        with open(folder / file, "wb") as f:
+            pickle.dump(entry, f)
+
+
+def test_cifar_native_resolution_unless_resized(tmp_path, no_checksums):
+    write_cifar(tmp_path)
+    write_cifar(tmp_path, hundred=True)
+    names = ["airplane", "automobile", "bird"]
+    assert check(load("cifar10", tmp_path), 4, names, "This is a photo of a {}.", (3, 32, 32), torch.uint8) == [0, 1, 2, 0]
+    x, _ = data.load_dataset("cifar10", str(tmp_path), 48, resize_small=True)[0]
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    check(load("cifar100", tmp_path), 4, ["apple", "aquarium fish", "baby"], "This is a photo of a {}.", (3, 32, 32),
+          torch.uint8)
+    assert len(load("cifar10", tmp_path, train=True)) == 20  # five training batches
+
+
+def test_cifar_with_bad_checksums_is_one_line_error(tmp_path):
+    write_cifar(tmp_path)
+    msg = one_line_data_error("could not read", load, "cifar10", tmp_path)
+    assert "cifar-10-batches-py" in msg and "--download" in msg
+
+
+def test_stl10_native_resolution(tmp_path, no_checksums):
+    folder = tmp_path / "stl10_binary"
+    os.makedirs(folder)
+    np.random.default_rng(0).integers(0, 255, (3, 3, 96, 96), dtype=np.uint8).tofile(folder / "test_X.bin")
+    np.array([1, 10, 4], dtype=np.uint8).tofile(folder / "test_y.bin")  # labels are stored 1-based
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    write_lines(str(folder / "class_names.txt"), names)
+    ds = load("stl10", tmp_path)
+    assert check(ds, 3, names, "This is a photo of a {}.", (3, 96, 96), torch.uint8) == [0, 9, 3]
+    assert load("stl10", tmp_path, resize_small=True)[0][0].shape == (3, RES, RES)
+
+
+def test_dtd_test_split_partition_1(tmp_path):
+    base = tmp_path / "dtd" / "dtd"
+    for c in ["banded", "zig-zagged"]:
+        write_image(str(base / "images" / c / f"{c}_0001.jpg"), w=20, h=14)
+    write_lines(str(base / "labels" / "test1.txt"), ["zig-zagged/zig-zagged_0001.jpg", "banded/banded_0001.jpg"])
+    write_lines(str(base / "labels" / "test2.txt"), ["banded/banded_0001.jpg"])
+    labels = check(load("dtd", tmp_path), 2, ["banded", "zig zagged"], "A surface with a {} texture.")
+    assert labels == [1, 0]
+
+
+def test_eurosat_fixed_names(tmp_path):
+    for c in data.EUROSAT_FOLDERS:
+        write_image(str(tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg"), w=64, h=64)
+    labels = check(load("eurosat", tmp_path), 10, data.EUROSAT_NAMES, "A centered satellite photo of {}.")
+    assert labels == list(range(10)) and data.EUROSAT_NAMES[2] == "brushland or shrubland"
+    os.rename(tmp_path / "eurosat" / "2750" / "SeaLake", tmp_path / "eurosat" / "2750" / "Sea")
+    one_line_data_error("class folders", load, "eurosat", tmp_path)
+
+
+def test_fgvc_aircraft_variants_with_boeing(tmp_path):
+    base = tmp_path / "fgvc-aircraft-2013b" / "data"
+    write_lines(str(base / "variants.txt"), ["707-320", "A300B4", "Cessna 172"])
+    write_lines(str(base / "images_variant_test.txt"), ["0034309 707-320", "0062781 Cessna 172"])
+    for i in ("0034309", "0062781"):
+        write_image(str(base / "images" / f"{i}.jpg"), w=30, h=20)
+    labels = check(load("FGVCAircraft", tmp_path), 2, ["Boeing 707-320", "A300B4", "Cessna 172"],
+                   "A photo of a {}, a type of aircraft.")
+    assert labels == [0, 2]
+
+
+def test_flowers102_test_split_without_scipy(tmp_path):
+    base = tmp_path / "flowers-102"
+    for i in range(1, 6):
+        write_image(str(base / "jpg" / f"image_{i:05d}.jpg"))
+    write_mat(str(base / "imagelabels.mat"), {"labels": [1, 102, 5, 77, 1]})
+    write_mat(str(base / "setid.mat"), {"trnid": [1], "valid": [5], "tstid": [2, 3, 4]})
+    names = data.flowers_agft()
+    assert len(names) == 102 and names[1] == "hard leaved pocket orchid" and names[59] == "pink yellow dahlia"
+    assert names[11] == "colts foot" and names[87] == "cyclamen "  # as AGFT writes them
+    assert check(load("flowers102", tmp_path), 3, names, "A photo of a {}, a type of flower.") == [101, 4, 76]
+
+
+def test_read_mat_matches_scipy(tmp_path):
+    sio = pytest.importorskip("scipy.io")
+    for compress in (False, True):
+        path = str(tmp_path / f"x{compress}.mat")
+        sio.savemat(path, {"labels": np.array([[3.0, 1.0, 2.0]]), "tstid": np.arange(1, 300, dtype=np.uint16)[None],
+                           "small": np.array([[7]], dtype=np.uint8), "words": "text is skipped"},
+                    do_compression=compress)
+        arrays = data.read_mat(path)
+        assert arrays["labels"].tolist() == [3, 1, 2] and arrays["tstid"].tolist() == list(range(1, 300))
+        assert arrays["small"].tolist() == [7] and "words" not in arrays
+
+
+def test_food101_test_json(tmp_path):
+    base = tmp_path / "food-101"
+    os.makedirs(base / "meta")
+    with open(base / "meta" / "test.json", "w") as f:
+        json.dump({"baby_back_ribs": ["baby_back_ribs/2"], "apple_pie": ["apple_pie/1", "apple_pie/3"]}, f)
+    for p in ["baby_back_ribs/2", "apple_pie/1", "apple_pie/3"]:
+        write_image(str(base / "images" / f"{p}.jpg"), w=40, h=30)
+    labels = check(load("food101", tmp_path), 3, ["apple pie", "baby back ribs"], "A photo of {}, a type of food.")
+    assert sorted(labels) == [0, 0, 1]
+
+
+def test_oxford_pets_test_split(tmp_path):
+    base = tmp_path / "oxford-iiit-pet"
+    write_lines(str(base / "annotations" / "test.txt"), ["Abyssinian_1 1 1 1", "american_bulldog_10 2 2 1"])
+    os.makedirs(base / "annotations" / "trimaps")
+    for i in ["Abyssinian_1", "american_bulldog_10"]:
+        write_image(str(base / "images" / f"{i}.jpg"))
+    labels = check(load("oxford_pets", tmp_path), 2, ["abyssinian", "american bulldog"],
+                   "A photo of a {}, a type of pet.")
+    assert labels == [0, 1]
+
+
+def test_pcam_prompts_and_missing_h5py(tmp_path):
+    assert data.SETS["pcam"][2] == "{}"
+    assert data._pcam_names(None)[1] == "This is a photo of lymph node tumor tissue."
+    base = tmp_path / "pcam"
+    for xy in "xy":
+        write_lines(str(base / f"camelyonpatch_level_2_split_test_{xy}.h5"), ["not really HDF5"])
+    try:
+        import h5py  # noqa: F401
+    except ImportError:
+        assert "h5py" in one_line_data_error("needs h5py", load, "pcam", tmp_path)
+    else:
+        one_line_data_error("could not read", load, "pcam", tmp_path)
+
+
+def test_stanford_cars_with_scipy(tmp_path):
+    sio = pytest.importorskip("scipy.io", reason="torchvision reads the Stanford Cars .mat files with scipy")
+    base = tmp_path / "stanford_cars"
+    os.makedirs(base / "devkit")
+    names = np.array(["AM General Hummer SUV 2000", "Acura TL Type-S 2008"], dtype=object)
+    sio.savemat(str(base / "devkit" / "cars_meta.mat"), {"class_names": names[None]})
+    annos = np.array([("00001.jpg", 2), ("00002.jpg", 1)], dtype=[("fname", object), ("class", object)])
+    sio.savemat(str(base / "cars_test_annos_withlabels.mat"), {"annotations": annos[None]})
+    for f in ("00001.jpg", "00002.jpg"):
+        write_image(str(base / "cars_test" / f), w=50, h=30)
+    labels = check(load("stanford_cars", tmp_path), 2, ["AM General Hummer SUV", "Acura TL Type S"], "A photo of a {}.")
+    assert labels == [1, 0]
+
+
+def test_sun397_whole_set(tmp_path):
+    base = tmp_path / "SUN397"
+    write_lines(str(base / "ClassName.txt"), ["/a/abbey", "/a/apartment_building/outdoor"])
+    write_image(str(base / "a" / "abbey" / "sun_aaa.jpg"))
+    write_image(str(base / "a" / "apartment_building" / "outdoor" / "sun_bbb.jpg"))
+    labels = check(load("sun397", tmp_path), 2, ["abbey", "apartment building outdoor"], "This is a photo of a {}.")
+    assert sorted(labels) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- ImageNet and its relatives
+
+
+def write_tiny(root):
+    base = root / "tiny-imagenet-200"
+    wnids = ["n04067472", "n01443537", "n02124075"]  # listed unsorted, as in the zip
+    write_lines(str(base / "wnids.txt"), wnids)
+    write_lines(str(base / "words.txt"), ["n00001740\tentity", "n01443537\tgoldfish, Carassius auratus",
+                                   "n02124075\tEgyptian cat", "n04067472\treel",
+                                   "n01820546\tsulphur-crested cockatoo, Kakatoe galerita, Cacatua galerita"])
+    for w in wnids:
+        for i in range(2):
+            write_image(str(base / "train" / w / "images" / f"{w}_{i}.JPEG"), w=64, h=64)
+        write_lines(str(base / "train" / w / f"{w}_boxes.txt"), [f"{w}_0.JPEG\t0\t0\t10\t10"])
+    write_lines(str(base / "val" / "val_annotations.txt"),
+         [f"val_{i}.JPEG\t{w}\t0\t0\t63\t63" for i, w in enumerate(["n02124075", "n01443537", "n02124075"])])
+    for i in range(3):
+        write_image(str(base / "val" / "images" / f"val_{i}.JPEG"), w=64, h=64)
+
+
+def test_tinyimagenet_val_through_annotations(tmp_path):
+    write_tiny(tmp_path)
+    names = ["goldfish", "Egyptian cat", "reel"]  # sorted wnids; the first lemma of each synset
+    assert check(load("tinyimagenet", tmp_path), 3, names, "This is a photo of a {}.") == [1, 0, 1]
+    assert check(load("tinyimagenet", tmp_path, train=True), 6, names, "This is a photo of a {}.") == [0, 0, 1, 1, 2, 2]
+    assert sorted(os.listdir(tmp_path / "tiny-imagenet-200" / "val")) == ["images", "val_annotations.txt"]  # untouched
+
+
+def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):
+    write_tiny(tmp_path)
+    write_lines(str(tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"),
+                ["val_0.JPEG\tn99999999\t0\t0\t1\t1"])
+    one_line_data_error("could not read", load, "tinyimagenet", tmp_path)
+
+
+def test_imagenet_val_names_and_variants(tmp_path):
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    jpeg = tmp_path / "one.JPEG"
+    write_image(str(jpeg), w=40, h=30)
+    for w in wnids:
+        os.makedirs(tmp_path / "imagenet" / "val" / w)
+        os.link(jpeg, tmp_path / "imagenet" / "val" / w / "ILSVRC2012_val_1.JPEG")
+    ds = load("imagenet", tmp_path)
+    assert len(ds) == 1000 and len(ds.classnames) == 1000 and ds.template == "This is a photo of a {}."
+    assert ds.classnames[:3] == ["tench", "goldfish", "great white shark"]
+    assert ds.classnames[134] == ds.classnames[517] == "crane"  # AGFT keeps the homonyms (torchvision: "crane bird")
+    assert ds.classnames[638] == ds.classnames[639] == "maillot" and "jack o' lantern" in ds.classnames
+    x, y = ds[999]
+    assert x.shape == (3, RES, RES) and y == 999
+    # ImageNet-R and -Sketch name their wnid folders through the ImageNet copy beside them
+    for sub, w in [("imagenet-r", wnids[134]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+        write_image(str(tmp_path / sub / w / "a.jpg"))
+    check(load("imagenet-r", tmp_path), 2, ["goldfish", "crane"], "This is a photo of a {}.")
+    check(load("ImageNet_Sketch", tmp_path), 1, ["tench"], "This is a photo of a {}.")
+    # a training split without the 1000 folders
+    write_image(str(tmp_path / "imagenet" / "train" / wnids[0] / "a.JPEG"))
+    one_line_data_error("1000", load, "imagenet", tmp_path, train=True)
+
+
+def test_imagenet_r_names_from_tiny_words_or_error(tmp_path):
+    write_image(str(tmp_path / "imagenet-r" / "n01820546" / "art_0.jpg"))
+    one_line_data_error("words.txt", load, "imagenet-r", tmp_path)
+    write_tiny(tmp_path)
+    check(load("imagenet-r", tmp_path), 1, ["sulphur crested cockatoo"], "This is a photo of a {}.")
+
+
+def test_country211_names_through_pycountry(tmp_path, monkeypatch):
+    for code in ["AD", "KR", "XK"]:
+        write_image(str(tmp_path / "country211" / "test" / code / "1.jpg"))
+    fake = types.SimpleNamespace(countries=[types.SimpleNamespace(alpha_2="AD", name="Andorra"),
+                                            types.SimpleNamespace(alpha_2="KR", name="Korea, Republic of"),
+                                            types.SimpleNamespace(alpha_2="GB", name="United Kingdom")])
+    monkeypatch.setitem(sys.modules, "pycountry", fake)
+    check(load("country211", tmp_path), 3, ["Andorra", "Korea", "Kosovo"], "A photo I took in {}.")
+    monkeypatch.setitem(sys.modules, "pycountry", None)  # not installed
+    one_line_data_error("pycountry", load, "country211", tmp_path)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_empty_and_unknown_sets_are_one_line_errors(tmp_path):
+    for name in data.ZERO_SHOT_SETS + data.EXTRA_SETS:
+        msg = one_line_data_error(name, load, name, tmp_path)
+        folder = os.path.join(str(tmp_path), data.SETS[name][0])
+        assert folder in msg and "expected" in msg and ("--download" in msg or "no automatic download" in msg)
+    assert "--download" not in one_line_data_error("imagenet", load, "imagenet", tmp_path)
+    assert "--data-root" in one_line_data_error("no --data-root", data.load_dataset, "dtd", None, RES)
+    one_line_data_error("unknown dataset 'cifar11'", load, "cifar11", tmp_path)
+    one_line_data_error("evaluation set", load, "dtd", tmp_path, train=True)
+    write_lines(str(tmp_path / "dtd" / "dtd" / "labels" / "test1.txt"), [])  # the split lists no image
+    os.makedirs(tmp_path / "dtd" / "dtd" / "images")
+    one_line_data_error("holds no images", load, "dtd", tmp_path)
+    os.makedirs(tmp_path / "caltech101" / "101_ObjectCategories" / "Faces")
+    one_line_data_error("holds no images", load, "caltech101", tmp_path)
+
+
+def test_check_datasets_names_every_missing_set(tmp_path):
+    write_cifar(tmp_path)
+    msg = one_line_data_error("imagenet", evaluate.check_datasets, ["cifar10", "dtd", "ImageNet_R"], str(tmp_path),
+                         train_set="imagenet")
+    assert msg.endswith("[also missing: dtd, ImageNet_R]") and "train/" in msg
+    evaluate.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10")
+
+
+def test_evaluate_with_no_data_prints_one_line():
+    out = subprocess.run([sys.executable, "evaluate.py", "--model", "ViT-B/32", "--datasets", "cifar10"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: cifar10: ") and len(out.stderr.strip().splitlines()) == 1
+    assert "cifar-10-batches-py" in out.stderr and "--download" in out.stderr
+
+
+# ----------------------------------------------------------------------------- protocols and the results table
+
+
+def test_protocols_follow_the_papers():
+    p_agft, p_tga, p_saft = (evaluate.PROTOCOLS[p] for p in ("agft", "tga", "saft"))
+    assert (p_agft["steps"], p_agft["resize_before_attack"], p_agft["datasets"]) == (20, False, data.ZERO_SHOT_SETS)
+    assert (p_tga["steps"], p_tga["resize_before_attack"], len(p_tga["datasets"]), p_tga["average"]) == (
+        100, True, 16, p_tga["datasets"])
+    assert (p_saft["steps"] == 100 and p_saft["datasets"][0] == "tinyimagenet"
+            and "tinyimagenet" not in p_saft["average"])
+    for p in (p_agft, p_tga, p_saft):
+        assert p["step_size"] == 1 / 255 and set(p["datasets"]) <= set(data.SETS)
+        assert set(p["datasets"]) - {"tinyimagenet"} == set(data.ZERO_SHOT_SETS) and len(p["average"]) >= 15
+
+
+def test_table_one_column_per_set_and_rows_per_model():
+    res = {"tinyimagenet": {"clean": 50.0, "robust": 10.0}, "cifar10": {"clean": 80.0, "robust": 20.0},
+           "dtd": {"clean": 40.0, "robust": 4.0}}
+    base = {k: {"clean": v["clean"] - 10, "robust": v["robust"] / 2} for k, v in res.items()}
+    lines = evaluate.table({"before": base, "after": res}, ["cifar10", "dtd", "tinyimagenet"],
+                           over=["cifar10", "dtd"]).splitlines()
+    assert lines[0].split() == ["CIFAR10", "DTD", "TinyIN", "avg"]
+    assert [line.split()[:2] for line in lines[1:5]] == [["before", "clean"], ["after", "clean"],
+                                                         ["before", "robust"], ["after", "robust"]]
+    assert lines[2].split()[2:] == ["80.00", "40.00", "50.00", "60.00"] and lines[4].split()[-1] == "12.00"
+    assert "tinyimagenet" in lines[5]
+    assert evaluate.average(res, ["cifar10", "dtd"]) == {"clean": 60.0, "robust": 12.0}
+
+
+def test_evaluate_protocol_end_to_end(tmp_path, monkeypatch, no_checksums):
+    torch.manual_seed(0)
+    cfg = dict(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=32, vision_patch_size=16,
+               context_length=16, vocab_size=49408, transformer_width=32, transformer_heads=1, transformer_layers=1)
+    torch.save(clip.CLIP(**cfg).state_dict(), tmp_path / "tiny.pt")
+    write_cifar(tmp_path)
+    for c in data.EUROSAT_FOLDERS:
+        write_image(str(tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg"), w=64, h=64)
+    evaluate.main(["--model", str(tmp_path / "tiny.pt"), "--protocol", "tga", "--datasets", "EuroSAT,cifar10",
+                   "--data-root", str(tmp_path), "--max-per-dataset", "3", "--steps", "1", "--batch-size", "2",
+                   "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    res = json.load(open(tmp_path / "eval" / "results.json"))
+    assert res["attack"] == {"name": "pgd", "eps": 1 / 255, "step_size": 1 / 255, "steps": 1}
+    assert list(res["results"]) == ["eurosat", "cifar10"] and all(r["n"] == 3 for r in res["results"].values())
+    assert res["protocol"]["name"] == "tga" and res["protocol"]["resize_before_attack"] is True
+    assert set(res["average"]) == {"clean", "robust"} and res["average_over"] == ["eurosat", "cifar10"]
+
+# ----------------------------------------------------------------------------- section: PMG-AFT and AGFT
+# Exact invariants of each objective on a tiny random CLIP, a 2-step run of each script.
+
+
+def setup(module, *argv):
+    """A tiny CLIP's encoder f, the method's setup m (text features of 5 classes, frozen f0), args, a batch."""
+    model = tiny_clip()
+    encoder = clip.ImageEncoder(model.visual)
+    classes = SimpleNamespace(classnames=["red", "green", "blue", "round", "square"], template="a photo of a {}.")
+    args = module.get_args(["--device", "cpu", *argv])
+    m = module.setup_method(model, classes, encoder, args, SimpleNamespace(device=torch.device("cpu")))
+    torch.manual_seed(1)
+    x, y = torch.rand(6, 3, 40, 40), torch.tensor([0, 1, 2, 3, 4, 0])
+    return encoder, m, args, x, y
+
+
+def cos(encoder, x, text):
+    return F.normalize(encoder(x), dim=-1) @ text.t()
+
+
+# ----------------------------------------------------------------------------- both: the frozen copy and the defaults
+
+
+@pytest.mark.parametrize("module", [pmg_aft, agft])
+def test_frozen_copy_is_separate_and_frozen(module):
+    encoder, m, args, x, y = setup(module)
+    assert m.text.shape == (5, 32) and torch.allclose(m.text.norm(dim=-1), torch.ones(5))
+    assert not m.f0.training and all(not p.requires_grad for p in m.f0.parameters())
+    assert all(p.requires_grad for p in encoder.parameters())
+    with torch.no_grad():
+        before = m.f0(x)
+        assert torch.equal(before, encoder(x))
+        for p in encoder.parameters():
+            p.add_(0.01)
+        assert torch.equal(m.f0(x), before)  # f0 shares no storage with f
+
+
+def test_paper_defaults():
+    a = pmg_aft.get_args([])
+    assert (a.train_set, a.batch_size, a.lr, a.alpha, a.beta) == ("tinyimagenet", 256, 5e-5, 1.0, 1.0)
+    a = agft.get_args(["--gamma", "0.4", "--inv-tau", "180"])
+    assert (a.train_set, a.batch_size, a.lr, a.gamma, a.inv_tau) == ("imagenet", 256, 4e-4, 0.4, 180.0)
+    assert vars(a) == vars(agft.get_args([]))  # the paper's setting is the default
+    assert (a.eps, a.step_size, a.attack_steps, a.epochs, a.warmup_steps) == (1 / 255, 1 / 255, 2, 10, 1000)
+
+
+# ----------------------------------------------------------------------------- PMG-AFT
+
+
+def test_pmg_aft_equals_plain_ce_when_f_is_f0_and_x_adv_is_x():
+    encoder, m, args, x, y = setup(pmg_aft, "--alpha", "0.7", "--beta", "1.3")
+    loss, terms = pmg_aft.loss_fn(encoder, x, x, y, m, args)
+    ce = F.cross_entropy(100 * cos(encoder, x, m.text), y)
+    assert terms["kl_general"].abs() < 1e-6 and terms["kl_clean"].abs() < 1e-6
+    assert torch.allclose(loss, ce, atol=1e-5) and torch.allclose(terms["ce"], ce, atol=1e-6)
+
+
+def test_pmg_aft_loss_terms_direction_and_gradient():
+    """KL(p_target || p_adv) per sample averaged over the batch, the clean branch not detached, f0 frozen."""
+    encoder, m, args, x, y = setup(pmg_aft, "--alpha", "0.7", "--beta", "1.3")
+    with torch.no_grad():
+        for p in encoder.parameters():  # f moves away from f0
+            p.add_(0.02 * torch.randn_like(p))
+    x_adv = attacks.pgd(clip.ZeroShotClassifier(encoder, m.text), x, y, 8 / 255, 2 / 255, 2)
+    loss, terms = pmg_aft.loss_fn(encoder, x, x_adv, y, m, args)
+    g = torch.autograd.grad(loss, list(encoder.parameters()))
+
+    def kl(p, q):  # sum_c p (log p - log q), mean over the batch
+        return (p.softmax(1) * (p.log_softmax(1) - q.log_softmax(1))).sum(1).mean()
+    z_adv, z_clean = 100 * cos(encoder, x_adv, m.text), 100 * cos(encoder, x, m.text)
+    z0_adv = 100 * cos(m.f0, x_adv, m.text)
+    general, clean = kl(z0_adv, z_adv), kl(z_clean, z_adv)
+    ref = F.cross_entropy(z_adv, y) + 0.7 * general + 1.3 * clean
+    assert general > 1e-4 and clean > 1e-4
+    assert torch.allclose(terms["kl_general"], general, atol=1e-5)
+    assert torch.allclose(terms["kl_clean"], clean, atol=1e-5)
+    assert torch.allclose(loss, ref, atol=1e-5)
+    g_ref = torch.autograd.grad(ref, list(encoder.parameters()), retain_graph=True)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g, g_ref))
+    detached = ref - 1.3 * clean + 1.3 * kl(z_clean.detach(), z_adv)
+    g_det = torch.autograd.grad(detached, list(encoder.parameters()))
+    assert not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g, g_det))
+    assert all(p.grad is None for p in m.f0.parameters())
+
+
+def test_pmg_aft_targets_are_the_labels():
+    encoder, m, args, x, y = setup(pmg_aft)
+    assert pmg_aft.targets(x, y, m, args) is y
+
+
+# ----------------------------------------------------------------------------- AGFT
+
+
+def test_agft_target_is_tempered_softmax_of_the_frozen_model():
+    encoder, m, args, x, y = setup(agft, "--gamma", "0.4", "--inv-tau", "180")
+    with torch.no_grad():
+        for p in encoder.parameters():  # the target must come from f0, not f
+            p.add_(0.02 * torch.randn_like(p))
+        p = agft.targets(x, y, m, args)
+        ref = torch.softmax(0.4 * 180 * cos(m.f0, x, m.text), dim=1)
+    assert p.shape == (6, 5) and torch.allclose(p.sum(1), torch.ones(6))
+    assert torch.allclose(p, ref, atol=1e-6)
+    assert not torch.allclose(p, torch.softmax(72 * cos(encoder, x, m.text), dim=1), atol=1e-3)
+
+
+def test_agft_loss_is_soft_cross_entropy_at_inv_tau():
+    encoder, m, args, x, y = setup(agft, "--gamma", "0.4", "--inv-tau", "180")
+    with torch.no_grad():
+        p = agft.targets(x, y, m, args)
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    loss, terms = agft.loss_fn(encoder, x, x_adv, p, m, args)
+    ref = -(p * torch.log_softmax(180 * cos(encoder, x_adv, m.text), dim=1)).sum(1).mean()
+    assert torch.allclose(loss, ref, atol=1e-5) and torch.allclose(terms["ce"], ref, atol=1e-5)
+    # with gamma = 1, f = f0 and x_adv = x the target is the model's own prediction: the loss is its entropy
+    args.gamma = 1.0
+    with torch.no_grad():
+        p1 = agft.targets(x, y, m, args)
+    loss1, _ = agft.loss_fn(encoder, x, x, p1, m, args)
+    assert torch.allclose(loss1, -(p1 * p1.log()).sum(1).mean(), atol=1e-5)
+
+
+def test_agft_attack_raises_the_soft_loss_within_the_ball():
+    encoder, m, args, x, y = setup(agft, "--gamma", "0.4", "--inv-tau", "180", "--eps", "8/255", "--step-size",
+                                   "2/255", "--attack-steps", "3")
+    with torch.no_grad():
+        p = agft.targets(x, y, m, args)
+    x_adv = agft.train_attack(encoder, x, p, m, args)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert agft.loss_fn(encoder, x, x_adv, p, m, args)[0] > agft.loss_fn(encoder, x, x, p, m, args)[0]
+    assert all(q.grad is None for q in encoder.parameters())
+    # the attack ascends the soft-label CE at the training scale inv_tau, not at CLIP's 100
+    runs = {}
+    for scale in (180.0, 100.0):
+        torch.manual_seed(3)
+        runs[scale] = attacks.pgd(clip.ZeroShotClassifier(encoder, m.text, scale), x, p, 8 / 255, 2 / 255, 3)
+    torch.manual_seed(3)
+    x_adv = agft.train_attack(encoder, x, p, m, args)
+    assert torch.equal(x_adv, runs[180.0]) and not torch.equal(x_adv, runs[100.0])
+
+
+# ----------------------------------------------------------------------------- both scripts end to end
+
+
+@pytest.mark.parametrize("module,terms", [(pmg_aft, ["ce", "kl_general", "kl_clean"]), (agft, ["ce"])])
+def test_two_steps_then_evaluate(module, terms, tiny_ckpt, tiny_folder, tmp_path):
+    module.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--no-eval-baseline"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["method"] == module.__name__
+    start = tiny_clip().visual.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in ckpt["visual"].items())  # it trained
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["results"]["imagefolder"]["n"] == 18
+    log = open(tmp_path / "run" / "log.txt").read()
+    assert "step 2/2" in log and all(f"{t} " in log.split("step 2/2")[1] for t in terms)
+
+
+def test_agft_resume_keeps_f0_pretrained(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    """A resumed run equals an uninterrupted one: f0 (the soft target's source) is copied before the resume."""
+    four = ("--max-steps", "4", "--save-every", "2", "--no-eval-baseline")
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
+    agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "a", *four))
+
+    class Stop(Exception):
+        pass
+    save = evaluate.save_checkpoint
+
+    def save_then_die(path, obj):  # the run dies right after its step-2 checkpoint
+        save(path, obj)
+        raise Stop
+    monkeypatch.setattr(evaluate, "save_checkpoint", save_then_die)
+    with pytest.raises(Stop):
+        agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four))
+    monkeypatch.setattr(evaluate, "save_checkpoint", save)
+    agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four, "--resume"))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["visual"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["visual"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+# ----------------------------------------------------------------------------- section: TGA-ZSR, Comp-TGA and SAFT
+# Exact invariants of each objective on a tiny random ViT CLIP, a 2-step run of each.
+
+
+TGA_METHODS = [tga_zsr, comp_tga, saft]
+CLASSES = ["red thing", "green thing", "blue thing"]
+
+
+def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolder"):
+    """A tiny ViT CLIP, its pixel-space encoder, the script's parsed args and its method state m."""
+    model = model or tiny_clip()
+    enc = clip.ImageEncoder(model.visual)
+    args = module.get_args(["--model", "tiny", "--train-set", train_set, "--device", "cpu", *flags])
+    ds = SimpleNamespace(classnames=classes, template="a photo of a {}.")
+    m = module.setup_method(model, ds, enc, args, evaluate.Run(torch.device("cpu"), torch.float32))
+    return model, enc, args, m
+
+
+def tga_batch(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % len(CLASSES)
+
+
+def nudge(enc, seed=2, scale=0.05):
+    """Move the trained encoder away from f0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------------- the attention maps
+
+
+def test_attention_map_is_the_specified_computation():
+    enc = clip.ImageEncoder(tiny_clip().visual)
+    x, text = torch.rand(3, 3, 32, 32), F.normalize(torch.randn(3, 32), dim=-1)
+    tokens = enc(x, all_tokens=True)
+    assert tokens.shape == (3, 1 + 16, 32)
+    assert torch.allclose(tokens[:, 0], enc(x), atol=1e-5)  # token 0 is the CLS feature of the logits
+    # at the patch grid's own size: channels normalised over the token axis (CLS included), dot product, min-max
+    s = torch.einsum("bpd,bd->bp", (tokens / tokens.norm(dim=1, keepdim=True))[:, 1:], text)
+    s = (s - s.min(1, keepdim=True).values) / (s.max(1, keepdim=True).values - s.min(1, keepdim=True).values)
+    assert torch.allclose(clip.text_guided_attention(tokens, text, (4, 4)), s.view(3, 4, 4), atol=1e-6)
+    a = clip.text_guided_attention(tokens, text, (32, 32))
+    assert a.shape == (3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    # bilinear upsampling of the 4x4 map (align_corners=False): the corner pixel is the corner patch
+    assert torch.allclose(a[:, 0, 0], s[:, 0], atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the map is computed in fp32 under autocast too
+        assert torch.equal(clip.text_guided_attention(tokens, text, (32, 32)), a)
+
+
+def test_complementary_map_is_class_times_one_minus_nonclass():
+    enc = clip.ImageEncoder(tiny_clip().visual)
+    tokens = enc(torch.rand(2, 3, 32, 32), all_tokens=True)
+    cls, non = F.normalize(torch.randn(2, 32), dim=-1), F.normalize(torch.randn(2, 32), dim=-1)
+    a = clip.complementary_attention(tokens, cls, non, (32, 32))
+    expected = clip.text_guided_attention(tokens, cls, (32, 32)) * (1 - clip.text_guided_attention(tokens, non, (32, 32)))
+    assert torch.equal(a, expected) and a.min() >= 0 and a.max() <= 1 and a.shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
+def test_maps_have_input_size_lie_in_01_and_use_only_the_true_class(module):
+    _, enc, args, m = tga_setup(module)
+    x, y = tga_batch(2)  # classes 0 and 1 only
+    tokens = enc(x, all_tokens=True)
+    a = module.attention(tokens, y, x, m)
+    assert a.shape == (2, 32, 32) and a.min() >= 0 and a.max() <= 1
+    for name in ("text", "cls", "non"):  # change every text of class 2: the maps must not move
+        if hasattr(m, name):
+            getattr(m, name)[2] = F.normalize(torch.randn(32), dim=0)
+    assert torch.equal(module.attention(tokens, y, x, m), a)
+    with torch.no_grad():
+        _, a0 = module.targets(x, y, m, args)
+    assert torch.equal(a0, a)  # f0 = f: the target map is the same map
+
+
+# ----------------------------------------------------------------------------- the objectives
+
+
+@pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
+def test_loss_is_plain_ce_when_f_is_f0_and_x_adv_is_x(module):
+    _, enc, args, m = tga_setup(module)
+    x, y = tga_batch()
+    with torch.no_grad():
+        t = module.targets(x, y, m, args)
+    loss, terms = module.loss_fn(enc, x, x, t, m, args)
+    assert terms["refine"] == 0 and terms["constrain"] == 0 and torch.equal(loss.detach(), terms["ce"])
+    heads = m.heads if module is saft else m.text[None]
+    ce = sum(tecoa.loss_fn(enc, x, x, y, SimpleNamespace(text=w), args)[0] for w in heads) / len(heads)
+    assert torch.allclose(loss, ce, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
+def test_attention_terms_follow_the_trained_encoder_only(module):
+    _, enc, args, m = tga_setup(module)
+    x, y = tga_batch()
+    with torch.no_grad():
+        t = module.targets(x, y, m, args)
+    nudge(enc)
+    x_adv = attacks.pgd(lambda z: z.mean((2, 3)), x, y, 4 / 255, 4 / 255, 1)  # any point in the ball
+    loss, terms = module.loss_fn(enc, x, x_adv, t, m, args)
+    a0, size = t[1], x.shape[-2:]
+    refine = (module.attention(enc(x_adv, all_tokens=True), y, x, m) - a0).flatten(1).norm(dim=1).mean()
+    constrain = (module.attention(enc(x, all_tokens=True), y, x, m) - a0).flatten(1).norm(dim=1).mean()
+    assert terms["refine"] > 0 and terms["constrain"] > 0 and a0.shape[-2:] == size
+    assert torch.allclose(terms["refine"], refine) and torch.allclose(terms["constrain"], constrain)
+    assert torch.allclose(loss, terms["ce"] + args.alpha * refine + args.beta * constrain)
+    loss.backward()
+    assert all(p.grad is None for p in m.f0.parameters()) and all(p.grad is not None for p in enc.parameters())
+
+
+def test_defaults_are_the_papers():
+    for module, alpha, beta in [(tga_zsr, 0.08, 0.05), (comp_tga, 0.10, 0.10), (saft, 0.08, 0.05)]:
+        args = module.get_args([])
+        assert (args.alpha, args.beta, args.train_set, args.batch_size, args.lr) == (alpha, beta, "tinyimagenet", 128, 1e-4)
+        assert (args.eps, args.step_size, args.attack_steps) == (1 / 255, 1 / 255, 2)
+    assert saft.get_args([]).k == 5 and saft.get_args([]).descriptions is None
+
+
+@pytest.mark.parametrize("module", [tga_zsr, comp_tga], ids=lambda m: m.__name__)
+def test_training_attack_is_pgd_on_the_ce_term(module):
+    _, enc, args, m = tga_setup(module)
+    x, y = tga_batch()
+    with torch.no_grad():
+        t = module.targets(x, y, m, args)
+    torch.manual_seed(5)
+    x_adv = module.train_attack(enc, x, t, m, args)
+    torch.manual_seed(5)
+    ref = attacks.pgd(clip.ZeroShotClassifier(enc, m.text), x, y, args.eps, args.step_size, args.attack_steps)
+    assert torch.equal(x_adv, ref) and (x_adv - x).abs().max() <= args.eps + 1e-6
+
+
+def test_comp_tga_prompts_are_class_and_nonclass():
+    model, _, _, m = tga_setup(comp_tga)
+    assert torch.equal(m.cls, clip.encode_text(model, [f"This is a photo of a {c}" for c in CLASSES]))
+    assert torch.equal(m.non, clip.encode_text(model, [f"This is not a photo of a {c}" for c in CLASSES]))
+
+
+# ----------------------------------------------------------------------------- SAFT's descriptions and heads
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        f.write(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_saft_heads_hold_the_kth_ranked_description_of_every_class(tmp_path):
+    desc = {c: [f"a drawing of a {c}.", f"{c}", f"an old {c} in the rain.", "a cat.", f"a {c} on a table.",
+                f"two {c}s.", "nothing at all."] for c in CLASSES}
+    model, _, args, m = tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")
+    names = clip.encode_text(model, CLASSES)
+    for c, name in enumerate(CLASSES):
+        feats = clip.encode_text(model, desc[name])
+        score = feats @ names[c]
+        ranked = [desc[name][i] for i in score.sort(descending=True, stable=True).indices[:3]]
+        assert m.chosen[c] == ranked and ranked[0] == name  # the bare name itself has cosine 1: rank 1
+    for k in range(3):
+        assert torch.equal(m.heads[k], clip.encode_text(model, [m.chosen[c][k] for c in range(3)]))
+    assert m.heads.shape == (3, 3, 32) and torch.allclose(m.text, m.heads.mean(0))
+
+
+def test_saft_fallback_classes_are_matched_normalised_and_counted(tmp_path, capsys):
+    desc = {"Red_Thing": ["a", "b", "c"], "green-thing": ["a", "b"], "yellow thing": ["a", "b", "c"]}
+    _, _, args, m = tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")
+    out = capsys.readouterr().out
+    assert "2 of 3 classes" in out and "green thing, blue thing" in out
+    assert sorted(m.chosen[0]) == ["a", "b", "c"]  # "Red_Thing" matched "red thing"
+    assert m.chosen[1] == ["a photo of a green thing."] * 3 and m.chosen[2] == ["a photo of a blue thing."] * 3
+
+
+def test_saft_without_descriptions_says_so_and_uses_templates(capsys):
+    _, _, _, m = tga_setup(saft, "--k", "2")
+    out = capsys.readouterr().out
+    assert out.count("no --descriptions") == 1
+    assert m.chosen[1] == [t.format("green thing") for t in saft.TEMPLATES[:2]]
+
+
+def test_saft_with_one_template_head_is_tga_zsr():
+    _, enc, args, m = tga_setup(saft, "--k", "1")  # TEMPLATES[0] is the test set's template
+    _, _, targs, tm = tga_setup(tga_zsr)
+    assert torch.equal(m.heads[0], tm.text)
+    x, y = tga_batch()
+    with torch.no_grad():
+        t, tt = saft.targets(x, y, m, args), tga_zsr.targets(x, y, tm, targs)
+    nudge(enc)
+    x_adv = (x + 2 / 255).clamp(0, 1)
+    assert torch.allclose(saft.loss_fn(enc, x, x_adv, t, m, args)[0], tga_zsr.loss_fn(enc, x, x_adv, tt, tm, targs)[0])
+
+
+def test_saft_toy_world_uses_its_own_descriptions(tmp_path):
+    toy = data.TOY_TASKS[data.TOY_TRAIN][1]
+    _, _, args, m = tga_setup(saft, "--out-dir", str(tmp_path), classes=toy, train_set=data.TOY_TRAIN)
+    assert args.descriptions == str(tmp_path / "descriptions.json")
+    assert json.load(open(args.descriptions)) == data.toy_descriptions()
+    assert all(set(c) <= set(data.toy_descriptions()[n]) for c, n in zip(m.chosen, toy))
+
+
+def test_bad_descriptions_and_resnets_get_one_line_errors(tmp_path):
+    for bad, words in [("{not json", "not valid JSON"), ('["a", "b"]', "expected a JSON object"),
+                       ('{"red thing": "a"}', "expected a JSON object")]:
+        with pytest.raises(evaluate.UsageError, match=words) as e:
+            tga_setup(saft, "--descriptions", write_json(tmp_path / "bad.json", bad))
+        assert "\n" not in str(e.value)
+    with pytest.raises(evaluate.UsageError, match="cannot read"):
+        tga_setup(saft, "--descriptions", str(tmp_path / "missing.json"))
+    resnet = tiny_clip(vision_layers=(1, 1, 1, 1), vision_width=8)
+    for module in TGA_METHODS:
+        with pytest.raises(evaluate.UsageError, match="needs a ViT image encoder"):
+            tga_setup(module, model=resnet)
+
+
+# ----------------------------------------------------------------------------- the scripts, 2 steps end to end
+
+
+@pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
+def test_tga_methods_two_steps_then_evaluate(module, tiny_ckpt, tiny_folder, tmp_path):
+    extra = ["--descriptions", write_json(tmp_path / "d.json", {c: [f"a {c}.", f"one {c}", "x", "y", "z"]
+                                                                for c in CLASSES})] if module is saft else []
+    module.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--no-eval-baseline", *extra))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["method"] == module.__name__
+    assert json.load(open(tmp_path / "run" / "results.json"))["results"]["imagefolder"]["n"] == 18
+    log = open(tmp_path / "run" / "log.txt").read()
+    assert "refine" in log and "constrain" in log
