@@ -253,7 +253,9 @@ def square(model, x, y, eps, queries=5000, p_init=0.8):
 
     Starts from random vertical stripes at +-eps, then each query redraws one square per image, of side
     shrinking with the schedule, with one random sign per channel, kept if the margin z_y - max_{j!=y} z_j
-    went down. Stops for a point once it is misclassified; clean-wrong points come back unchanged.
+    went down. Stops for a point once it is misclassified; clean-wrong points come back unchanged. Squares may
+    sit anywhere in the image (the reference code never places one on the last row or column, which makes it
+    weaker on tiny images).
     """
     x = x.detach()
     x_adv = x.clone()
