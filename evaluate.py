@@ -1032,7 +1032,7 @@ def main(argv=None):
     add("--steps", type=int, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=int, help="evaluate a fixed, seeded subset of N images per dataset")
     add("--batch-size", type=int, default=128)
-    add("--workers", type=int, default=4)
+    add("--workers", type=int, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
     add("--out-dir", default="runs/eval")
     add("--save-examples", type=int, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
@@ -1048,6 +1048,8 @@ def main(argv=None):
         ckpt = read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
     args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
+    if args.workers is None:
+        args.workers = 0 if args.toy else 4
     if args.eps is None:
         args.eps = data.TOY_EPS if args.toy else 1 / 255
     if args.step_size is None:
