@@ -517,8 +517,12 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
 # for web image-text pairs (pre-training), ImageNet (fine-tuning) and the zero-shot transfer sets (held out).
 # Every image holds 1-3 copies of one shape, all of one colour and one size, grouped in one half of the image, on a
 # grey background with a texture. Images are rendered in batches from signed-distance functions, all in torch, and
-# are a deterministic function of the seed. Fine-tuning labels are colour x shape; the held-out zero-shot tasks ask
-# about the other attributes (size, position, background, count), whose names are never fine-tuning labels.
+# are a deterministic function of the seed. Fine-tuning labels ("toy", playing ImageNet) are colour x shape over
+# images of the whole world; the held-out zero-shot tasks (playing the transfer sets) never use those labels: three
+# ask about attributes no fine-tuning label names (size, position, count), one groups the fine-tuning classes
+# differently (colour alone, as CIFAR-10's classes group ImageNet's). Background texture is a nuisance attribute:
+# in captions and fragile under attack, but the tiny ViT learns it too unreliably in its 4-minute budget to be a
+# task. Shape is learned only partly (about 30-40% on 4 shapes), which is why it is no held-out task.
 
 TOY_RES = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross"]
@@ -537,8 +541,8 @@ TOY_TASKS = {  # task -> (attribute, class names, template); class i of a held-o
     TOY_TRAIN: (None, [f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES], "a photo of a {}."),
     "toy_size": ("size", TOY_SIZES, "a photo of a {} object."),
     "toy_position": ("position", TOY_POSITIONS, "a photo of an object on the {} side."),
-    "toy_background": ("background", TOY_BACKGROUNDS, "a photo of an object on a {} background."),
     "toy_count": ("count", [f"{c} object{'s' * (i > 0)}" for i, c in enumerate(TOY_COUNTS)], "a photo of {}."),
+    "toy_colour": ("colour", list(TOY_COLOURS), "a photo of a {} object."),
 }
 TOY_HELDOUT = [t for t in TOY_TASKS if t != TOY_TRAIN]
 TOY_TRAIN_SIZE, TOY_EVAL_SIZE = 50_000, 500
@@ -569,12 +573,12 @@ def toy_render(a, g, res=TOY_RES):
                 + torch.div(yy + _u(g, n, 1, 1) * cell, cell, rounding_mode="floor")) % 2) * 2 - 1
     noise = torch.randn(n, res, res, generator=g).clamp(-2, 2) * 0.7
     tex = torch.stack([torch.zeros_like(noise), stripes, checker, noise], 1)[torch.arange(n), a["background"]]
-    img = img + _u(g, n, 1, 1, 1, lo=0.08, hi=0.14) * tex[:, None]
+    img = img + _u(g, n, 1, 1, 1, lo=0.12, hi=0.20) * tex[:, None]
     # objects: k-th of m = count+1 copies sits in slot k along the long axis of its half of the image
     m, large = a["count"] + 1, a["size"].float()
     r = s * (_u(g, n, 1, lo=3.2, hi=3.9) * (1 - large[:, None]) + _u(g, n, 1, lo=5.2, hi=6.0) * large[:, None])
     spacing = res / m[:, None]
-    jitter = (spacing / 2 - r).clamp(min=0.5 * s) * 0.8
+    jitter = ((spacing / 2 - r).clamp(min=0.5 * s) * 0.8).clamp(max=4 * s)  # a lone object stays mid-side
     along = spacing * (torch.arange(3) + 0.5) + _u(g, n, 3, lo=-1, hi=1) * jitter
     across = res / 4 + _u(g, n, 1, lo=-2, hi=2) * s  # centre of the left/top half
     pos = a["position"][:, None]
@@ -597,19 +601,25 @@ def toy_render(a, g, res=TOY_RES):
     return (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-def _toy_caption(a, i, rng):
-    """One caption for image i from a small grammar with random attribute dropout."""
+TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8}
+
+
+def _toy_caption(a, i, rng, p=TOY_CAPTION_P):
+    """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
+    (the noun is replaced by "object" with p["object"]), so the text tower also learns partial descriptions."""
     m, shape = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]]
     words = [rng.choice(["a photo of", "an image of", "a picture of"])]
-    adj = [w for w, p in ((TOY_SIZES[a["size"][i]], 0.6), (list(TOY_COLOURS)[a["colour"][i]], 0.6)) if rng.random() < p]
-    noun = "object" if rng.random() < 0.2 else shape
+    adj = [w for w, q in ((TOY_SIZES[a["size"][i]], p["size"]), (list(TOY_COLOURS)[a["colour"][i]], p["colour"]))
+           if rng.random() < q]
+    noun = "object" if rng.random() < p["object"] else shape
     if m == 1:
         words.append("one" if rng.random() < 0.3 else ("an" if (adj[0] if adj else noun)[0] in "aeiou" else "a"))
         words += adj + [noun]
     else:
         words += [TOY_COUNTS[m - 1]] + adj + [noun + ("es" if noun == "cross" else "s")]
-    phrases = [p for p, q in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", 0.5),
-                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", 0.5)) if rng.random() < q]
+    phrases = [w for w, q in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", p["position"]),
+                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", p["background"]))
+               if rng.random() < q]
     rng.shuffle(phrases)
     return " ".join(words + phrases) + ("." if rng.random() < 0.5 else "")
 
@@ -664,10 +674,7 @@ def toy_descriptions():
         "right": ["objects stacked in the right half.", "shapes placed on the right.", "right-hand objects."],
         "top": ["objects in a row along the top.", "shapes placed at the top.", "objects in the upper half."],
         "bottom": ["objects in a row along the bottom.", "shapes placed at the bottom.", "objects in the lower half."],
-        "plain": ["an object on an empty grey background.", "a shape on a flat backdrop.", "a plain grey scene."],
-        "striped": ["an object on a background of stripes.", "a shape on parallel lines.", "a striped scene."],
-        "checkered": ["an object on a chessboard pattern.", "a shape on a checkered grid.", "a checkerboard scene."],
-        "noisy": ["an object on a grainy background.", "a shape on static noise.", "a noisy scene."],
+        **{c: [f"a {c} shape.", f"something coloured {c}.", f"{c} things on a grey background."] for c in TOY_COLOURS},
         "one object": ["a single object.", "one shape alone.", "only one thing in the picture."],
         "two objects": ["a pair of objects.", "two copies of the same shape.", "two identical things."],
         "three objects": ["three objects in a line.", "three copies of the same shape.", "a group of three things."],

@@ -21,34 +21,31 @@ TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_wid
                   context_length=24, vocab_size=49408, transformer_width=64, transformer_heads=1,
                   transformer_layers=2)
 TOY_STEPS, TOY_BATCH, TOY_LR, TOY_SEED = 1200, 128, 2e-3, 0
-TOY_POS_AMP = 0.3  # scale of the sin-cos initial positional embedding (see sincos_2d)
 
 
 def toy_cache_path():
     return os.path.join(os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar")), "toy_clip.pt")
 
 
-def sincos_2d(grid, width, temperature=16.0):
-    """2D sin-cos positional table [1 + grid^2, width] (row 0, the class token, is zero).
-
-    CLIP's random positional init leaves a tiny ViT at chance on position for minutes; a sin-cos table makes
-    'left of' linearly readable from the start. At full amplitude it drowns the weak background textures, hence
-    the scale TOY_POS_AMP applied by the caller.
-    """
-    q = width // 4
+def sincos_2d(grid, channels, temperature=16.0):
+    """2D sin-cos table [grid*grid, channels]: a quarter of the channels each for sin y, cos y, sin x, cos x."""
+    q = channels // 4
     omega = temperature ** (-torch.arange(q) / q)
     y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float), torch.arange(grid, dtype=torch.float), indexing="ij")
-    ang_y, ang_x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
-    table = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)
-    return torch.cat([torch.zeros(1, width), table])
+    ay, ax = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
 
 
-def build_toy(seed=TOY_SEED, pos_amp=TOY_POS_AMP):
+def build_toy(seed=TOY_SEED, sincos_channels=16):
+    """A freshly initialised toy CLIP. The patch tokens' positional embedding starts as a 2D sin-cos table in its
+    first `sincos_channels` channels (CLIP's random init elsewhere): with CLIP's init alone the tiny ViT stays at
+    chance on position for minutes; a full-width sin-cos table (even scaled to 0.3) learns position but leaves
+    background texture at chance."""
     torch.manual_seed(seed)
     model = CLIP(**TOY_CONFIG)
-    v = model.visual
+    grid = model.visual.input_resolution // model.visual.conv1.kernel_size[0]
     with torch.no_grad():
-        v.positional_embedding.copy_(pos_amp * sincos_2d(v.input_resolution // v.conv1.kernel_size[0], v.conv1.out_channels))
+        model.visual.positional_embedding[1:, :sincos_channels] = sincos_2d(grid, sincos_channels)
     return model
 
 
@@ -66,15 +63,16 @@ class _Tokens:
         return torch.stack([self.cache[t] for t in texts])
 
 
-def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TOY_SEED, pos_amp=TOY_POS_AMP,
-                 warmup=0.05, weight_decay=0.1, log_every_s=5.0, log=print):
+def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TOY_SEED,
+                 warmup=0.05, weight_decay=0.1, log_every_s=5.0, log=print, callback=None):
     """Symmetric InfoNCE on fresh caption batches every step; AdamW, linear warm-up then cosine to 0.
 
     Saves the state dict (OpenAI key names) atomically to `path` and returns the model (eval mode).
+    callback(step, model), if given, runs after every step (e.g. to record a learning curve).
     """
     from data import toy_caption_batch
 
-    model = build_toy(seed, pos_amp)
+    model = build_toy(seed)
     tokens = _Tokens(model.context_length)
     no_decay = ("token_embedding", "positional_embedding", "class_embedding")
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and not any(k in n for k in no_decay)]
@@ -98,6 +96,8 @@ def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TO
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+        if callback is not None:
+            callback(step, model)
         if time.time() - last >= log_every_s or step == steps:
             last, el = time.time(), time.time() - t0
             log(f"toy pre-training: step {step}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f}"
