@@ -638,7 +638,7 @@ class ToyDataset(torch.utils.data.TensorDataset):
         self.classnames, self.template = classnames, template
 
 
-def toy_dataset(task, n, seed, chunk=4096):
+def toy_dataset(task, n, seed, chunk=1024):
     """n labelled images of a toy task (uint8 [3,32,32], int label), from the full world distribution."""
     if task not in TOY_TASKS:
         raise DataError(f"unknown toy task '{task}' (known: {', '.join(TOY_TASKS)})")
