@@ -22,7 +22,7 @@ import data
 import evaluate
 
 PAPER = dict(train_set="imagenet", batch_size=256, lr=4e-4)  # SPEC 2 (AGFT paper, Implementation Details)
-TOY = dict(lr=1e-4, max_steps=300)
+TOY = dict(lr=1e-3, max_steps=300)
 
 
 # ----------------------------------------------------------------------------- the method

@@ -22,7 +22,7 @@ import data
 import evaluate
 
 PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. IV-A
-TOY = dict(lr=1e-4, max_steps=300, save_attention=8)
+TOY = dict(lr=1e-3, max_steps=300, save_attention=8)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 

@@ -19,6 +19,7 @@ Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one at
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -800,6 +801,28 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
             for n in names}
 
 
+def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
+    """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack."""
+    from clip.toy import toy_cache_path
+    weights = toy_cache_path() if args.model == "toy" else args.model
+    stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
+    key = json.dumps([args.model, stamp, args.eval_sets, os.path.abspath(args.data_root or "."), cfg, args.seed])
+    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if os.path.isfile(path):
+        run.log(f"the pre-trained encoder's results: {path} (cached)")
+        with open(path) as f:
+            return json.load(f)
+    run.log("evaluating the pre-trained encoder")
+    results = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+    if run.main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f)
+        os.replace(path + ".tmp", path)
+    return results
+
+
 def final_evaluation(encoder, args, run):
     """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
     model = clip.load(args.model, device=run.device)
@@ -811,11 +834,11 @@ def final_evaluation(encoder, args, run):
     baseline = None
     f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
-        run.log("evaluating the pre-trained encoder")
-        baseline = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+        baseline = baseline_results(f0, model, sets, attack, attack0, cfg, args, run)
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    out = report(run, args.model, cfg, results, baseline)
+    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
+    out = report(run, args.model, cfg, results, baseline, over=over)
     if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
     return out
