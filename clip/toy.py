@@ -3,7 +3,13 @@
 `clip.load("toy")` calls `load_toy()`: the weights are read from the cache, or pre-trained there on first use
 (a few minutes on 2 CPU cores, deterministic from the seed) and saved as a plain state dict with OpenAI's key
 names, so `build_model` loads it like any released checkpoint. Cache: $NANOZSAR_CACHE/toy_clip.pt, by default
-~/.cache/nanozsar/toy_clip.pt. Delete the file to pre-train again.
+~/.cache/nanozsar/toy_clip.pt. Delete the file to pre-train again. Pre-training is bitwise reproducible for a
+given number of CPU threads (a different thread count changes float summation order, hence the weights slightly).
+
+Measured (seed 0, 2 CPU cores, torch 2.14): 1200 steps in about 4 minutes; zero-shot on the held-out toy tasks
+(500 images each) size 91, position 98, count 100, colour 100 (average 97%); PGD-20 at the toy eps 8/255 (step
+1/255, 250 images each) leaves 30 / 11 / 5 / 30 (average 19%). The fine-tuning task (32 colour x shape classes)
+is at 35%: shape is the attribute this tiny ViT learns least in its budget.
 """
 import math
 import os
@@ -13,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .model import CLIP, build_model
+from .model import CLIP, MEAN, STD, build_model
 
 # ViT-B/32's architecture at toy scale: 32 px images, patch 8 (16 patches), a 64-wide 2-layer text tower over
 # the real BPE vocabulary (ids go up to 49407, so the embedding keeps all 49408 rows; unused rows never move).
@@ -47,6 +53,10 @@ def build_toy(seed=TOY_SEED, sincos_channels=16):
     with torch.no_grad():
         model.visual.positional_embedding[1:, :sincos_channels] = sincos_2d(grid, sincos_channels)
     return model
+
+
+def _normalise(images):
+    return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
 class _Tokens:
@@ -108,11 +118,6 @@ def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TO
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     return model
-
-
-def _normalise(images):
-    from .model import MEAN, STD
-    return (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
 
 
 def load_toy(device="cpu"):
