@@ -98,7 +98,7 @@ def main(argv=None):
         for x, y in loader:
             torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
             lr = evaluate.set_lr(opt, step, total, args)
-            x, y = data.to_device(x, run.device), y.to(run.device)
+            x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
                 y = targets(x, y, m, args)

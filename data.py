@@ -14,10 +14,15 @@ class DataError(Exception):
     """A dataset that is missing, malformed or empty; the message is one line saying what to do."""
 
 
-def to_device(x, device):
-    """Move a batch to the device; uint8 images become floats in [0,1] there (cheaper than on the CPU)."""
+def to_device(x, device, size=None):
+    """Move a batch to the device; uint8 images become floats in [0,1] there, resized to size x size if given
+    (bicubic with PIL's kernel, as the CPU pipeline would; far cheaper on a GPU than per image in the loader)."""
     x = x.to(device, non_blocking=True)
-    return x.float().div_(255) if x.dtype == torch.uint8 else x
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if size is not None and x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True).clamp_(0, 1)
+    return x
 
 
 def prompts(dataset):
@@ -44,7 +49,7 @@ def image_folder(root, resolution, template="a photo of a {}.", transform=None):
         ds = ImageFolder(root, transform=transform or image_transform(resolution))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root} is not an image folder (expected {root}/<class name>/<images>): {e}") from None
-    ds.classnames, ds.template = [c.replace("_", " ") for c in ds.classes], template
+    ds.classnames, ds.template, ds.resize_to = [c.replace("_", " ") for c in ds.classes], template, None
     return ds
 
 
@@ -86,15 +91,17 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin=False):
 # of the official archive where torchvision has no class), and is read from there as it is: nothing is moved or
 # rewritten. Split, prompt template and class names follow the AGFT paper's code (notes/spec_eval.md 1.1 and 1.3);
 # where TeCoA / PMG-AFT / TGA-ZSR / SAFT differ, a comment says how. Preprocessing (SPEC 1.2): CIFAR-10/100 and
-# STL-10 stay at their native 32 / 96 px (uint8 tensors; the model upsamples after the attack) unless resize_small
+# STL-10 stay at their native 32 / 96 px (the model upsamples after the attack) unless resize_small
 # (evaluate.py --resize-before-attack); every other set is resized (shorter side) and centre-cropped to the model
-# resolution in the pipeline, so small images such as EuroSAT, PCAM and TinyImageNet are upsampled before the attack.
+# resolution before the attack. Small square images (CIFAR, STL, TinyImageNet's 64 px) leave the loader as uint8
+# tensors at native size and are resized on the device (`ds.resize_to`, read by to_device); the others go through PIL.
 
 ZERO_SHOT_SETS = ["caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102",
                   "food101", "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397"]  # AGFT's order
 EXTRA_SETS = ["tinyimagenet", "country211", "imagenet-r", "imagenet-sketch"]
 TRAIN_SETS = ["imagenet", "tinyimagenet", "cifar10", "cifar100"]
 SMALL_SETS = {"cifar10", "cifar100", "stl10"}  # fed at native resolution unless resize_small
+DEVICE_RESIZED = SMALL_SETS | {"tinyimagenet"}  # square uint8 images, resized on the device when resized at all
 
 # name: (folder under --data-root, what it holds, template, how --download does). "" = cannot be downloaded.
 TV = "--download fetches it with torchvision"
@@ -494,7 +501,7 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     check_dataset(name, root, train, download)
     known = canonical_name(name)
     from torchvision import transforms as T
-    tf = T.PILToTensor() if known in SMALL_SETS and not resize_small else image_transform(resolution)
+    tf = T.PILToTensor() if known in DEVICE_RESIZED else image_transform(resolution)
     path = os.path.join(root, SETS[known][0])
     try:
         ds = LOADERS[known](path, root, tf, train, download)
@@ -509,6 +516,7 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     if len(ds) == 0:
         raise DataError(f"{known}: {path} holds no images; {where(known)}")
     ds.template = SETS[known][2]
+    ds.resize_to = resolution if known == "tinyimagenet" or (known in SMALL_SETS and resize_small) else None
     return ds
 
 
@@ -633,6 +641,8 @@ def toy_caption_batch(n, g):
 
 
 class ToyDataset(torch.utils.data.TensorDataset):
+    resize_to = None  # fed at native resolution; the model upsamples
+
     def __init__(self, images, labels, classnames, template):
         super().__init__(images, labels)
         self.classnames, self.template = classnames, template

@@ -295,7 +295,7 @@ class TrainLog:
             right = 0
             for x, y in data.make_loader(ds, self.args.batch_size):
                 with self.run.autocast():
-                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device)), text, 1.0).argmax(-1)
+                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device, ds.resize_to)), text, 1.0).argmax(-1)
                 right += (pred.cpu() == y).sum().item()
             acc[name] = 100 * right / len(ds)
         self.encoder.train(training)
@@ -509,7 +509,7 @@ def eval_subset(dataset, max_n, seed=0):
         return dataset
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
     sub = torch.utils.data.Subset(dataset, idx.tolist())
-    sub.classnames, sub.template = dataset.classnames, dataset.template
+    sub.classnames, sub.template, sub.resize_to = dataset.classnames, dataset.template, dataset.resize_to
     return sub
 
 
@@ -521,7 +521,7 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
     progress = Progress(run, f"  {name}", len(dataset))
     clean = robust = moved = n = eps0_changed = 0
     for x, y in loader:
-        x, y = data.to_device(x, run.device), y.to(run.device)
+        x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
             pred = classifier(x).argmax(-1)
         if attack0 is not None and n == 0:
@@ -639,31 +639,18 @@ def report_attacks(run, model_name, configs, per_attack, over=None, protocol=Non
     clean = {n: first[n]["clean"] for n in names}
     robust = {n: {a: per_attack[a][n]["robust"] for a in per_attack} for n in names}
     avg = {"clean": mean([clean[n] for n in over]), "robust": {a: mean([robust[n][a] for n in over]) for a in per_attack}}
-    heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
-    widths = [max(len(h), 6) + 2 for h in heads]
-    label_w = max(len(a) for a in ["clean", *per_attack]) + 2
-    eps = next(iter(configs.values()))["eps"]
-    lines = [f"\nzero-shot top-1 (%) at eps {fmt_eps(eps)}: clean, then under each attack (scored on the true label)",
-             " " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
     rows = [("clean", [clean[n] for n in names] + [avg["clean"]])]
     rows += [(a, [robust[n][a] for n in names] + [avg["robust"][a]]) for a in per_attack]
-    for label, cells in rows:
-        lines.append(f"{label:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
-    run.log("\n".join(lines))
+    eps = next(iter(configs.values()))["eps"]
+    run.log("\n".join([f"\nzero-shot top-1 (%) at eps {fmt_eps(eps)}: clean, then under each attack (scored on the "
+                       "true label)", *grid(names, rows)]))
     failed = [f"{a}: {msg}" for a, res in per_attack.items() for msg in sanity_checks(res, configs[a]["eps"])]
     if "autoattack" in per_attack and "pgd" in per_attack:  # AutoAttack is the stronger attack
         failed += [f"{n}: AutoAttack {robust[n]['autoattack']:.2f} > PGD {robust[n]['pgd']:.2f}" for n in names
                    if robust[n]["autoattack"] > robust[n]["pgd"] + 100 / max(first[n]["n"], 1)]
-    for msg in failed:
-        run.log(f"SANITY CHECK FAILED: {msg}")
     out = {"model": model_name, "attacks": configs, "clean": clean, "robust": robust, "average": avg,
-           "average_over": over, "n": {n: first[n]["n"] for n in names}, "checks": {"passed": not failed, "failed": failed}}
-    if protocol:
-        out["protocol"] = protocol
-    if run.main and run.out_dir:
-        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+           "average_over": over, "n": {n: first[n]["n"] for n in names}}
+    return save_results(run, out, failed, protocol)
 
 
 def sanity_checks(results, eps):
@@ -734,24 +721,39 @@ SHORT = {"caltech101": "Cal101", "caltech256": "Cal256", "cifar10": "CIFAR10", "
          "tinyimagenet": "TinyIN", "country211": "Country", "imagenet-r": "IN-R", "imagenet-sketch": "IN-Sketch"}
 
 
+def grid(names, rows):
+    """Text table lines: a header of the dataset columns and "avg", then one line per (label, cells)."""
+    heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
+    widths = [max(len(h), 6) + 2 for h in heads]
+    label_w = max(len(label) for label, _ in rows) + 2
+    return [" " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))] + [
+        f"{label:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)) for label, cells in rows]
+
+
 def table(models, names=None, over=None):
     """Zero-shot accuracy table: one column per dataset (in `names` order, default the evaluated order) and the
     average over `over` (default all); one row per model and metric, {label: results} -> clean rows, robust rows."""
     first = next(iter(models.values()))
     names = names or [n for n in first if not n.startswith("_")]
     over = averaged(first, over)
-    heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
-    widths = [max(len(h), 6) + 2 for h in heads]
-    label_w = max(len(f"{label} robust") for label in models) + 2
-    lines = [" " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
-    for metric in ("clean", "robust"):
-        for label, res in models.items():
-            cells = [res[n][metric] if n in res else float("nan") for n in names] + [average(res, over)[metric]]
-            lines.append(f"{label + ' ' + metric:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)))
+    rows = [(f"{label} {metric}", [res[n][metric] if n in res else float("nan") for n in names]
+             + [average(res, over)[metric]]) for metric in ("clean", "robust") for label, res in models.items()]
     apart = [n for n in names if n not in over]
-    if apart:
-        lines.append(f"avg: mean over the {len(over)} sets other than {', '.join(apart)}")
-    return "\n".join(lines)
+    return "\n".join(grid(names, rows) + ([f"avg: mean over the {len(over)} sets other than {', '.join(apart)}"]
+                                          if apart else []))
+
+
+def save_results(run, out, failed, protocol=None):
+    """Log the failed sanity checks, record them (and the protocol) in `out`, and write it as results.json."""
+    for msg in failed:
+        run.log(f"SANITY CHECK FAILED: {msg}")
+    out["checks"] = {"passed": not failed, "failed": failed, **out.get("checks", {})}
+    if protocol:
+        out["protocol"] = protocol
+    if run.main and run.out_dir:
+        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
+            json.dump(out, f, indent=2)
+    return out
 
 
 def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None):
@@ -759,24 +761,16 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
 
     names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON;
     sweep: eps_sweep's (sweep, failed)."""
-    failed = sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else [])
     models = {"before": baseline, "after": results} if baseline else {"model": results}
     run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
             f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over)}")
-    for msg in failed:
-        run.log(f"SANITY CHECK FAILED: {msg}")
     out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results, over),
-           "average_over": averaged(results, over), "checks": {"passed": not failed, "failed": failed}}
-    if protocol:
-        out["protocol"] = protocol
+           "average_over": averaged(results, over)}
     if baseline:
         out["baseline"] = {"results": baseline, "average": average(baseline, over)}
     if sweep:
-        out["checks"]["eps_sweep"] = sweep[0]
-    if run.main and run.out_dir:
-        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+        out["checks"] = {"eps_sweep": sweep[0]}
+    return save_results(run, out, sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else []), protocol)
 
 
 def check_datasets(names, data_root, train_set=None):
@@ -807,7 +801,7 @@ def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     from clip.toy import toy_cache_path
     weights = toy_cache_path() if args.model == "toy" else args.model
     stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([args.model, stamp, args.eval_sets, os.path.abspath(args.data_root or "."), cfg, args.seed])
+    key = json.dumps([args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         run.log(f"the pre-trained encoder's results: {path} (cached)")
@@ -910,7 +904,7 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
     for name, ds in datasets.items():
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
         x, y = next(iter(data.make_loader(eval_subset(ds, n, seed=1), n)))
-        x, y = data.to_device(x, run.device), y.to(run.device)
+        x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
         with run.attack_autocast():
             x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
@@ -947,7 +941,7 @@ def save_attention(encoder, f0, model, attack, args, run):
     title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
     ds = attention_images(args, model.visual.input_resolution, args.save_attention)
     x, y = next(iter(data.make_loader(ds, len(ds))))
-    x, y = data.to_device(x, run.device), y.to(run.device)
+    x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
     head = text_head(model, ds).to(run.device)
     if prompts:
         cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)

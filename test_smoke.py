@@ -729,8 +729,9 @@ def test_cifar_native_resolution_unless_resized(tmp_path, no_checksums):
     write_cifar(tmp_path, hundred=True)
     names = ["airplane", "automobile", "bird"]
     assert check(load("cifar10", tmp_path), 4, names, "This is a photo of a {}.", (3, 32, 32), torch.uint8) == [0, 1, 2, 0]
-    x, _ = data.load_dataset("cifar10", str(tmp_path), 48, resize_small=True)[0]
-    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    ds = data.load_dataset("cifar10", str(tmp_path), 48, resize_small=True)  # uint8, resized on the device
+    assert ds[0][0].shape == (3, 32, 32) and ds.resize_to == 48 and load("cifar10", tmp_path).resize_to is None
+    assert data.to_device(ds[0][0][None], "cpu", ds.resize_to).shape == (1, 3, 48, 48)
     check(load("cifar100", tmp_path), 4, ["apple", "aquarium fish", "baby"], "This is a photo of a {}.", (3, 32, 32),
           torch.uint8)
     assert len(load("cifar10", tmp_path, train=True)) == 20  # five training batches
@@ -751,7 +752,7 @@ def test_stl10_native_resolution(tmp_path, no_checksums):
     write_lines(str(folder / "class_names.txt"), names)
     ds = load("stl10", tmp_path)
     assert check(ds, 3, names, "This is a photo of a {}.", (3, 96, 96), torch.uint8) == [0, 9, 3]
-    assert load("stl10", tmp_path, resize_small=True)[0][0].shape == (3, RES, RES)
+    assert load("stl10", tmp_path, resize_small=True).resize_to == RES
 
 
 def test_dtd_test_split_partition_1(tmp_path):
@@ -890,9 +891,19 @@ def write_tiny(root):
 def test_tinyimagenet_val_through_annotations(tmp_path):
     write_tiny(tmp_path)
     names = ["goldfish", "Egyptian cat", "reel"]  # sorted wnids; the first lemma of each synset
-    assert check(load("tinyimagenet", tmp_path), 3, names, "This is a photo of a {}.") == [1, 0, 1]
-    assert check(load("tinyimagenet", tmp_path, train=True), 6, names, "This is a photo of a {}.") == [0, 0, 1, 1, 2, 2]
+    ds = load("tinyimagenet", tmp_path)  # 64 px uint8 from the loader, resized to RES on the device
+    assert check(ds, 3, names, "This is a photo of a {}.", (3, 64, 64), torch.uint8) == [1, 0, 1] and ds.resize_to == RES
+    train = load("tinyimagenet", tmp_path, train=True)
+    assert check(train, 6, names, "This is a photo of a {}.", (3, 64, 64), torch.uint8) == [0, 0, 1, 1, 2, 2]
     assert sorted(os.listdir(tmp_path / "tiny-imagenet-200" / "val")) == ["images", "val_annotations.txt"]  # untouched
+
+
+def test_device_resize_matches_the_pil_pipeline(tmp_path):
+    from PIL import Image
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    cpu = data.image_transform(224)(img)  # what the loader would do per image
+    dev = data.to_device(torch.from_numpy(np.array(img)).permute(2, 0, 1)[None], "cpu", 224)[0]
+    assert dev.shape == cpu.shape and (dev - cpu).abs().mean() < 1 / 255 and 0 <= dev.min() and dev.max() <= 1
 
 
 def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):

@@ -56,11 +56,6 @@ def attention(tokens, y, x, m):
     return clip.text_guided_attention(tokens, m.text[y], x.shape[-2:])
 
 
-def map_distance(a, b):
-    """||a - b||_2 over the flattened H*W map (unsquared), per sample, averaged over the batch."""
-    return (a - b).flatten(1).norm(dim=1).mean()
-
-
 def train_attack(f, x, y, m, args):
     """PGD on the CE term only (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
     y, _ = y
@@ -75,8 +70,8 @@ def loss_fn(f, x, x_adv, y, m, args):
     y, a0 = y
     tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
     ce = F.cross_entropy(clip.cosine_logits(tokens[:, 0], m.text, SCALE), y)
-    refine = map_distance(attention(tokens, y, x, m), a0)
-    constrain = map_distance(attention(f(x, all_tokens=True), y, x, m), a0)
+    refine = clip.map_distance(attention(tokens, y, x, m), a0)
+    constrain = clip.map_distance(attention(f(x, all_tokens=True), y, x, m), a0)
     loss = ce + args.alpha * refine + args.beta * constrain
     return loss, {"ce": ce.detach(), "refine": refine.detach(), "constrain": constrain.detach()}
 
@@ -113,7 +108,7 @@ def main(argv=None):
         for x, y in loader:
             torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
             lr = evaluate.set_lr(opt, step, total, args)
-            x, y = data.to_device(x, run.device), y.to(run.device)
+            x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
                 y = targets(x, y, m, args)

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from .loader import CLIPError, available_models, load
 from .model import (CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention,
-                    complementary_attention)
+                    complementary_attention, map_distance)
 from .tokenizer import tokenize
 
 __all__ = ["available_models", "load", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
            "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention",
-           "complementary_attention"]
+           "complementary_attention", "map_distance"]
 
 
 @torch.no_grad()

@@ -320,6 +320,11 @@ def text_guided_attention(tokens, text, size):
     return maps[:, 0]
 
 
+def map_distance(a, b):
+    """TGA-ZSR's attention distance (Eq. 9, 12): ||a - b||_2 over each flattened H*W map (unsquared), batch mean."""
+    return (a - b).flatten(1).norm(dim=1).mean()
+
+
 def complementary_attention(tokens, text_cls, text_non, size):
     """Comp-TGA's complementary map A_cls * (1 - A_non) (Comp-TGA Eq. 6-8), shape [B, H, W] in [0,1].
 
