@@ -6,7 +6,9 @@
     python evaluate.py --model ViT-L/14 --checkpoint fare_eps_2.pt   # others' released encoders (CHECKPOINT_FORMATS)
     python evaluate.py --toy --save-examples 8                       # + examples_<set>.png: clean, adversarial, delta
 
-Robust accuracy is top-1 accuracy on the adversarial images (the AGFT convention); clean accuracy on the originals.
+Clean accuracy is top-1 accuracy on the originals; robust accuracy the share of images classified right both clean and
+attacked (AutoAttack's count). The AGFT code scores the adversarial images alone, which differs only where an attack
+makes a clean-wrong image right, as targeted attacks can; results.json counts those images as "raised".
 
 Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, square, autoattack (`--aa seed`:
 APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: APGD-CE + APGD-T + Square, no FAB-T), mifgsm,
@@ -15,7 +17,8 @@ target) or _t_least (least-likely target), always scored against the true label.
 iterative attacks, `--apgd-steps` (default 100) APGD and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
 Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one attack, results.json holds
 {"model", "attacks": {attack: config}, "clean": {dataset: acc}, "robust": {dataset: {attack: acc}},
-"average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "checks"}.
+"average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "raised": {dataset: {attack: images}},
+"checks"}.
 """
 import argparse
 import contextlib
@@ -514,12 +517,14 @@ def eval_subset(dataset, max_n, seed=0):
 
 
 def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", attack0=None):
-    """Clean and robust top-1 accuracy (%) of `classifier` on `dataset`, how many images the attack moved, and (with
-    attack0, the same attack at eps 0, run on the first batch) how many predictions eps 0 changed (should be 0)."""
+    """Clean and robust top-1 accuracy (%) of `classifier` on `dataset` (robust: right on the clean image and on the
+    attacked one), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
+    can; they do not count), and (with attack0, the same attack at eps 0, run on the first batch) how many
+    predictions eps 0 changed (should be 0)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
     loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
     progress = Progress(run, f"  {name}", len(dataset))
-    clean = robust = moved = n = eps0_changed = 0
+    clean = robust = raised = moved = n = eps0_changed = 0
     for x, y in loader:
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
@@ -534,13 +539,14 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         with torch.no_grad(), run.autocast():
             pred_adv = classifier(x_adv).argmax(-1)
         clean += (pred == y).sum().item()
-        robust += (pred_adv == y).sum().item()
+        robust += ((pred == y) & (pred_adv == y)).sum().item()  # x is in its own eps-ball: clean-wrong is never robust
+        raised += ((pred != y) & (pred_adv == y)).sum().item()
         moved += (x_adv != x).flatten(1).any(1).sum().item()
         n += len(y)
         progress.update(len(y) * run.world)
-    clean, robust, moved, n, eps0_changed = run.all_sum([clean, robust, moved, n, eps0_changed])
+    clean, robust, raised, moved, n, eps0_changed = run.all_sum([clean, robust, raised, moved, n, eps0_changed])
     return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
-            "eps0_changed": int(eps0_changed)}
+            "raised": int(raised), "eps0_changed": int(eps0_changed)}
 
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
@@ -649,8 +655,9 @@ def report_attacks(run, model_name, configs, per_attack, over=None, protocol=Non
         failed += [f"{n}: AutoAttack {robust[n]['autoattack']:.2f} > PGD {robust[n]['pgd']:.2f}" for n in names
                    if robust[n]["autoattack"] > robust[n]["pgd"] + 100 / max(first[n]["n"], 1)]
     out = {"model": model_name, "attacks": configs, "clean": clean, "robust": robust, "average": avg,
-           "average_over": over, "n": {n: first[n]["n"] for n in names}}
-    return save_results(run, out, failed, protocol)
+           "average_over": over, "n": {n: first[n]["n"] for n in names},
+           "raised": {n: {a: per_attack[a][n]["raised"] for a in per_attack} for n in names}}
+    return save_results(run, out, failed, per_attack, protocol)
 
 
 def sanity_checks(results, eps):
@@ -743,8 +750,14 @@ def table(models, names=None, over=None):
                                           if apart else []))
 
 
-def save_results(run, out, failed, protocol=None):
-    """Log the failed sanity checks, record them (and the protocol) in `out`, and write it as results.json."""
+def save_results(run, out, failed, per_attack, protocol=None):
+    """Log the failed sanity checks and the attacks that made clean-wrong images right, record the checks (and the
+    protocol) in `out`, and write it as results.json. per_attack: {attack: evaluate(...) results}."""
+    for a, res in per_attack.items():
+        raised = {n: r["raised"] for n, r in res.items() if not n.startswith("_") and r.get("raised")}
+        if raised:
+            run.log(f"note: {a} made clean-wrong images right ({', '.join(f'{n} {k}' for n, k in raised.items())}); "
+                    "not counted as robust")
     for msg in failed:
         run.log(f"SANITY CHECK FAILED: {msg}")
     out["checks"] = {"passed": not failed, "failed": failed, **out.get("checks", {})}
@@ -770,7 +783,8 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
         out["baseline"] = {"results": baseline, "average": average(baseline, over)}
     if sweep:
         out["checks"] = {"eps_sweep": sweep[0]}
-    return save_results(run, out, sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else []), protocol)
+    failed = sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else [])
+    return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
 
 def check_datasets(names, data_root, train_set=None):
@@ -797,11 +811,12 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
 
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
+    version, 2 since robust accuracy counts only images right both clean and attacked)."""
     from clip.toy import toy_cache_path
     weights = toy_cache_path() if args.model == "toy" else args.model
     stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
+    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         run.log(f"the pre-trained encoder's results: {path} (cached)")

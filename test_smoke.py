@@ -324,6 +324,16 @@ def test_sanity_checks_flag_a_broken_attack(tiny_ckpt, tiny_folder, tmp_path):
                              attack0=evaluate.make_attack("pgd", 0.0, 2 / 255, 5))
     assert evaluate.sanity_checks(good, 8 / 255) == []
 
+
+def test_clean_wrong_images_made_right_are_not_robust():
+    x, y = torch.zeros(8, 3, 4, 4), torch.tensor([0, 1] * 4)
+    ds = data.ToyDataset(x, y, ["a", "b"], "{}")
+    classifier = lambda x: torch.stack([torch.ones(len(x)), 10 * x.flatten(1).mean(1)], 1)  # noqa: E731  0 at x=0
+    flip = lambda m, x, y: x + 0.5  # noqa: E731  turns every prediction to class 1, clean-wrong ones right
+    res = evaluate.accuracy(classifier, ds, flip, evaluate.Run(torch.device("cpu"), torch.float32), 4)
+    assert (res["clean"], res["robust"], res["raised"]) == (50.0, 0.0, 4)
+
+
 # ----------------------------------------------------------------------------- section: clip/
 # Loading both checkpoint kinds, model outputs, tokenizer ids, download errors.
 
