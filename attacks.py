@@ -6,8 +6,8 @@ Gradients are taken with respect to the input only: no parameter gradient is com
 model's train/eval mode is left to the caller (attack in eval mode).
 
     white box    pgd, cw, fgsm                         sign-gradient steps on cross-entropy or the C&W margin
-    AutoAttack   apgd_ce, apgd_dlr, apgd_t, square,    Auto-PGD, the black-box Square attack, and their ensemble
-                 autoattack
+    AutoAttack   apgd_ce, apgd_dlr, apgd_t, fab_t,     Auto-PGD, targeted FAB, the black-box Square attack, and
+                 square, autoattack                   their ensemble
     transfer     mifgsm, difgsm, tifgsm, nifgsm,       the FGSM family of AGFT's Table 6, with the defaults of
                  pifgsm, pifgsmpp                      torchattacks 3.5.1 (the library AGFT ran them with)
 
@@ -285,6 +285,78 @@ def square(model, x, y, eps, queries=5000, p_init=0.8):
     return x_adv
 
 
+def linf_projection(p, w, c):
+    """FAB's projection: per row, the smallest L-inf step d with w.(p + d) = c and p + d in [0, 1] (p, w [N, D],
+    c [N]). Where the box makes the hyperplane unreachable, the step that gets closest (every coordinate to its bound).
+
+    Each coordinate moves towards the side that closes the gap r = c - w.p, by min(delta, room_i), room_i its space
+    in the box that way; the change g(delta) = sum_i |w_i| min(delta, room_i) is piecewise linear in delta with
+    breaks at the sorted rooms, so the delta with g(delta) = |r| is found on the first piece that reaches |r|.
+    """
+    r = c - (w * p).sum(1)
+    s = torch.sign(w) * torch.sign(r)[:, None]
+    room = torch.where(s > 0, 1 - p, p)
+    room_sorted, order = room.sort(1)
+    a = w.abs().gather(1, order)
+    below = (a * room_sorted).cumsum(1) - a * room_sorted  # sum of |w_i| room_i over the smaller rooms
+    above = a.flip(1).cumsum(1).flip(1)  # sum of |w_i| over this room and the larger ones
+    k = ((below + room_sorted * above) < r.abs()[:, None]).sum(1, keepdim=True)  # g at each break: the first >= |r|
+    reachable = k[:, 0] < p.shape[1]
+    k = k.clamp(max=p.shape[1] - 1)
+    delta = (r.abs() - below.gather(1, k)[:, 0]) / above.gather(1, k)[:, 0].clamp(min=1e-12)
+    delta = torch.where(reachable, delta, torch.full_like(delta, math.inf))
+    return s * torch.min(delta[:, None], room)
+
+
+def fab_t(model, x, y, eps, steps=100, n_targets=9, alpha_max=0.1, eta=1.05, beta=0.9):
+    """Targeted FAB (Croce & Hein, ICML 2020), L-inf, as standard AutoAttack runs it: one run per target class (the
+    2nd to (n_targets+1)-th highest clean logits) on the points still correct. A run steps onto the linearised
+    boundary between the true class and the target, mixed with the projection of x itself onto it (weight at most
+    alpha_max, both steps extrapolated by eta), and after each success moves back towards x by beta. It keeps the
+    smallest misclassifying perturbation, returned where it is within eps; other points come back unchanged."""
+    x = x.detach()
+    clean = predict(model, x)
+    x_adv, todo = x.clone(), clean.argmax(1) == y
+    order = clean.argsort(1, descending=True)
+    for k in range(1, min(n_targets, clean.shape[1] - 1) + 1):
+        idx = todo.nonzero()[:, 0]
+        if len(idx) == 0:
+            break
+        adv, dist = fab_run(model, x[idx], y[idx], order[idx, k], steps, alpha_max, eta, beta)
+        ok = dist <= eps
+        x_adv[idx[ok]] = project(adv[ok], x[idx[ok]], eps)
+        todo[idx[ok]] = False
+    return x_adv
+
+
+def fab_run(model, x, y, target, steps, alpha_max, eta, beta):
+    """One targeted FAB run: (the closest misclassified point found [B,...], its L-inf distance [B], inf if none)."""
+    def boundary(z):  # the linearised boundary f_y - f_t = 0 at z, as w.x = c
+        z = z.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(z).float()
+            f = logits.gather(1, y[:, None])[:, 0] - logits.gather(1, target[:, None])[:, 0]
+            (g,) = torch.autograd.grad(f.sum(), z)
+        w = g.flatten(1)
+        return w, (w * z.detach().flatten(1)).sum(1) - f.detach()
+
+    n, view = len(x), (-1,) + (1,) * (x.dim() - 1)
+    best, best_dist, x_k = x.clone(), torch.full((n,), math.inf, device=x.device), x.clone()
+    for _ in range(steps):
+        w, c = boundary(x_k)
+        d = linf_projection(torch.cat([x_k.flatten(1), x.flatten(1)]), torch.cat([w, w]), torch.cat([c, c]))
+        d_k, d_0 = d[:n].view_as(x), d[n:].view_as(x)
+        a_k, a_0 = (t.flatten(1).abs().amax(1).clamp(min=1e-8) for t in (d_k, d_0))
+        alpha = (a_k / (a_k + a_0)).clamp(max=alpha_max).view(view)
+        x_k = ((1 - alpha) * (x_k + eta * d_k) + alpha * (x + eta * d_0)).clamp(0, 1)
+        wrong = predict(model, x_k).argmax(1) != y
+        dist = (x_k - x).flatten(1).abs().amax(1)
+        better = wrong & (dist < best_dist)
+        best[better], best_dist[better] = x_k[better], dist[better]
+        x_k[wrong] = x[wrong] + beta * (x_k[wrong] - x[wrong])
+    return best, best_dist
+
+
 def sequential(model, x, y, attack_list):
     """Run attacks in turn, each on the points every earlier one failed on (AutoAttack's bookkeeping).
 
@@ -307,20 +379,21 @@ def autoattack(model, x, y, eps, version="seed", steps=100, queries=5000):
     """AutoAttack (Croce & Hein, ICML 2020), L-inf.
 
     version "seed": APGD-CE then APGD-DLR, `steps` iterations each, one restart, as TeCoA, TGA-ZSR and SAFT run
-    it (APGD-CE alone with fewer than 3 classes). "standard": APGD-CE, APGD-T (9 targets), Square (5000
-    queries), the standard version without FAB-T (not implemented here).
+    it (APGD-CE alone with fewer than 3 classes). "standard": APGD-CE, APGD-T and FAB-T (9 targets each), Square
+    (5000 queries), Croce & Hein's standard version.
     """
     n = num_classes(model, x)
     ce = lambda m, xx, yy: apgd_ce(m, xx, yy, eps, steps)  # noqa: E731
     if version == "seed":
         parts = [ce, lambda m, xx, yy: apgd_dlr(m, xx, yy, eps, steps)]
     elif version == "standard":
-        parts = [ce, lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps), lambda m, xx, yy: square(m, xx, yy, eps, queries)]
+        parts = [ce, lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps), lambda m, xx, yy: fab_t(m, xx, yy, eps, steps),
+                 lambda m, xx, yy: square(m, xx, yy, eps, queries)]
     else:
         raise ValueError(f"unknown AutoAttack version '{version}' (known: seed, standard)")
     if n < 3:
         say_once(f"AutoAttack with {n} classes: no DLR attack (it needs 3 classes), APGD-CE" +
-                 (" and Square" if version == "standard" else " only"))
+                 (", FAB-T and Square" if version == "standard" else " only"))
         parts = [parts[0]] + parts[2:]
     return sequential(model, x, y, parts)
 

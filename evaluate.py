@@ -10,11 +10,11 @@ Clean accuracy is top-1 accuracy on the originals; robust accuracy the share of 
 attacked (AutoAttack's count). The AGFT code scores the adversarial images alone, which differs only where an attack
 makes a clean-wrong image right, as targeted attacks can; results.json counts those images as "raised".
 
-Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, square, autoattack (`--aa seed`:
-APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: APGD-CE + APGD-T + Square, no FAB-T), mifgsm,
+Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack
+(`--aa seed`: APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: + APGD-T, FAB-T, Square), mifgsm,
 difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
 target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
-iterative attacks, `--apgd-steps` (default 100) APGD and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
+iterative attacks, `--apgd-steps` (default 100) APGD, FAB-T and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
 Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one attack, results.json holds
 {"model", "attacks": {attack: config}, "clean": {dataset: acc}, "robust": {dataset: {attack: acc}},
 "average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "raised": {dataset: {attack: images}},
@@ -550,7 +550,7 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
 
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
-APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "autoattack"]
+APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "autoattack"]
 # AGFT's Table 6, in its column order (SPEC 3; notes/spec_eval.md 2.11): PGD, MI, DI2, TI, NI, PI, PI++, C&W, AA, PGDT,
 # PGDTL, MIT, DI2T, TIT, NIT. AGFT's own "AA" is 10-step APGD with EOT 20; ours is the seed papers' 100-step AutoAttack.
 AGFT_ATTACKS = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm", "pifgsm", "pifgsm++", "cw", "autoattack", "pgd_t_rand",
@@ -572,6 +572,7 @@ def attack_table(eps, step_size, steps, apgd_steps=100, aa="seed"):
         "apgd_ce": lambda m, x, y: A.apgd_ce(m, x, y, eps, apgd_steps),
         "apgd_dlr": lambda m, x, y: A.apgd_dlr(m, x, y, eps, apgd_steps),
         "apgd_t": lambda m, x, y: A.apgd_t(m, x, y, eps, apgd_steps),
+        "fab_t": lambda m, x, y: A.fab_t(m, x, y, eps, apgd_steps),
         "square": lambda m, x, y: A.square(m, x, y, eps),
         "autoattack": lambda m, x, y: A.autoattack(m, x, y, eps, aa, apgd_steps),
     })
@@ -606,6 +607,8 @@ def attack_config(name, eps, step_size, steps, apgd_steps=100, aa="seed"):
         cfg.update(step_size=eps, steps=1)
     elif name.startswith("pifgsm"):
         cfg.update(step_size=eps / steps * 10)  # PI's amplified step, 10 eps / steps
+    elif name == "fab_t":
+        cfg.update(step_size=eps, steps=apgd_steps)  # FAB has no step size: each step is a projection
     elif name in APGD_BASED:
         cfg.update(step_size=2 * eps, steps=apgd_steps)  # APGD's initial step; it adapts from there
         if name == "autoattack":
@@ -1058,7 +1061,7 @@ def main(argv=None):
                                          "comma-separated list (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
         help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
-    add("--apgd-steps", type=int, default=100, help="iterations of each APGD run (APGD and AutoAttack; default 100)")
+    add("--apgd-steps", type=int, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
     add("--eps", type=parse_eps)
     add("--step-size", type=parse_eps)
     add("--steps", type=int, help="attack steps (default: the protocol's)")

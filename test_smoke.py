@@ -1518,7 +1518,7 @@ def test_clean_wrong_points_never_become_right():
         x_adv = run_attack(name, model, x, y, 4 / 255)
         adv_right = model(x_adv).argmax(1) == y
         assert not (adv_right & ~right).any(), name
-        if name.startswith(("apgd", "square", "autoattack")):  # AutoAttack's bookkeeping: returned unchanged
+        if name.startswith(("apgd", "fab", "square", "autoattack")):  # AutoAttack's bookkeeping: returned unchanged
             assert torch.equal(x_adv[~right], x[~right]), name
 
 
@@ -1621,6 +1621,43 @@ def test_autoattack_is_at_least_as_strong_as_its_first_part():
     torch.manual_seed(0)
     aa = model(attacks.autoattack(model, x, y, 3 / 255, steps=20)).argmax(1) == y
     assert not (aa & ~ce).any() and aa.sum() < ce.sum()
+
+
+def test_linf_projection_is_the_smallest_step_to_the_hyperplane_in_the_box():
+    g = torch.Generator().manual_seed(0)
+    p, w = torch.rand(64, 30, generator=g), torch.randn(64, 30, generator=g) * (torch.rand(64, 30, generator=g) > 0.2)
+    c = (w * p).sum(1) + 3 * torch.randn(64, generator=g)
+    d = attacks.linf_projection(p, w, c)
+    assert (p + d).min() >= -1e-6 and (p + d).max() <= 1 + 1e-6
+    r, s = c - (w * p).sum(1), torch.sign(w) * torch.sign(c - (w * p).sum(1))[:, None]
+    room = torch.where(s > 0, 1 - p, p)
+    reach = lambda delta: (w.abs() * torch.min(delta[:, None], room)).sum(1)  # noqa: E731  most |change| within delta
+    lo, hi = torch.zeros(64), torch.ones(64)  # the smallest delta that closes the gap, by bisection
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = torch.where(reach(mid) >= r.abs(), lo, mid), torch.where(reach(mid) >= r.abs(), mid, hi)
+    ok = reach(torch.ones(64)) >= r.abs()  # reachable inside the box
+    assert 0 < ok.sum() < 64
+    assert torch.allclose((w * (p + d)).sum(1)[ok], c[ok], atol=1e-4)
+    assert torch.allclose(d.abs().amax(1)[ok], hi[ok], atol=1e-5)
+    assert torch.allclose(d[~ok], s[~ok] * room[~ok])  # unreachable: as close as the box allows
+
+
+def test_fab_t_finds_the_closest_boundary_point_of_a_linear_model():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 2)
+    model = lambda x: lin(x.flatten(1))  # noqa: E731
+    x = 0.25 + 0.5 * torch.rand(16, 3, 4, 4)
+    y = model(x).argmax(1)
+    z = model(x).detach()
+    wdiff = (lin.weight[y] - lin.weight[1 - y]).detach()
+    exact = (z.gather(1, y[:, None])[:, 0] - z.gather(1, 1 - y[:, None])[:, 0]) / wdiff.abs().sum(1)
+    adv, dist = attacks.fab_run(model, x, y, 1 - y, 20, 0.1, 1.05, 0.9)
+    inside = exact < 0.25  # the box does not bind
+    assert (model(adv).argmax(1) != y).all() and inside.sum() > 4
+    assert (dist[inside] >= exact[inside] - 1e-6).all() and (dist[inside] <= 1.06 * exact[inside]).all()
+    x_adv = attacks.fab_t(model, x, y, float(exact.median()))
+    assert ((model(x_adv).argmax(1) != y) == (exact <= exact.median() * 0.99)).float().mean() > 0.8
 
 
 def test_fewer_than_three_classes_fall_back_to_apgd_ce(capsys):
