@@ -931,6 +931,18 @@ def test_device_resize_matches_the_pil_pipeline(tmp_path):
     assert dev.shape == cpu.shape and (dev - cpu).abs().mean() < 1 / 255 and 0 <= dev.min() and dev.max() <= 1
 
 
+def test_training_on_tinyimagenet_attacks_at_the_model_resolution(tiny_ckpt, tmp_path, monkeypatch):
+    write_tiny(tmp_path)  # 64 px images, uint8 out of the loader, resized on the device before the attack
+    seen = []
+    attack = tecoa.train_attack
+    monkeypatch.setattr(tecoa, "train_attack", lambda f, x, *a: seen.append(x.shape) or attack(f, x, *a))
+    args = [a.replace("imagefolder", "tinyimagenet")  # as training and evaluation set
+            for a in tecoa_args(tiny_ckpt, str(tmp_path), tmp_path / "run", "--no-eval-baseline")]
+    tecoa.main(args)
+    assert seen == [(4, 3, RES, RES)] * 2
+    assert json.load(open(tmp_path / "run" / "results.json"))["results"]["tinyimagenet"]["n"] == 3
+
+
 def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):
     write_tiny(tmp_path)
     write_lines(str(tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"),
