@@ -550,7 +550,7 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
 
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
-APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "fab_t", "autoattack"]
+APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "autoattack"]
 # AGFT's Table 6, in its column order (SPEC 3; notes/spec_eval.md 2.11): PGD, MI, DI2, TI, NI, PI, PI++, C&W, AA, PGDT,
 # PGDTL, MIT, DI2T, TIT, NIT. AGFT's own "AA" is 10-step APGD with EOT 20; ours is the seed papers' 100-step AutoAttack.
 AGFT_ATTACKS = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm", "pifgsm", "pifgsm++", "cw", "autoattack", "pgd_t_rand",

@@ -167,26 +167,31 @@ def test_tecoa_two_steps_then_evaluate(tiny_ckpt, tiny_folder, tmp_path):
     assert json.load(open(tmp_path / "eval" / "results.json"))["results"]["imagefolder"]["n"] == 18
 
 
-def test_resume_matches_uninterrupted_run(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+def check_resume_matches_uninterrupted_run(main, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    """A 4-step run, and one killed right after its step-2 checkpoint then resumed, end with equal weights."""
     four = ("--max-steps", "4", "--save-every", "2", "--no-eval-baseline")
-    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "a", *four))
+    main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "a", *four))
 
     class Stop(Exception):
         pass
     save = evaluate.save_checkpoint
 
-    def save_then_die(path, obj):  # the run dies right after its step-2 checkpoint
+    def save_then_die(path, obj):
         save(path, obj)
         raise Stop
     monkeypatch.setattr(evaluate, "save_checkpoint", save_then_die)
     with pytest.raises(Stop):
-        tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four))
-    monkeypatch.undo()
+        main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four))
+    monkeypatch.setattr(evaluate, "save_checkpoint", save)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
-    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four, "--resume"))
+    main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four, "--resume"))
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["visual"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["visual"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_matches_uninterrupted_run(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    check_resume_matches_uninterrupted_run(tecoa.main, tiny_ckpt, tiny_folder, tmp_path, monkeypatch)
 
 
 def test_interrupted_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
@@ -1233,25 +1238,8 @@ def test_two_steps_then_evaluate(module, terms, tiny_ckpt, tiny_folder, tmp_path
 
 def test_agft_resume_keeps_f0_pretrained(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
     """A resumed run equals an uninterrupted one: f0 (the soft target's source) is copied before the resume."""
-    four = ("--max-steps", "4", "--save-every", "2", "--no-eval-baseline")
     monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
-    agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "a", *four))
-
-    class Stop(Exception):
-        pass
-    save = evaluate.save_checkpoint
-
-    def save_then_die(path, obj):  # the run dies right after its step-2 checkpoint
-        save(path, obj)
-        raise Stop
-    monkeypatch.setattr(evaluate, "save_checkpoint", save_then_die)
-    with pytest.raises(Stop):
-        agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four))
-    monkeypatch.setattr(evaluate, "save_checkpoint", save)
-    agft.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four, "--resume"))
-    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["visual"]
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["visual"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    check_resume_matches_uninterrupted_run(agft.main, tiny_ckpt, tiny_folder, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- section: TGA-ZSR, Comp-TGA and SAFT
 # Exact invariants of each objective on a tiny random ViT CLIP, a 2-step run of each.
@@ -1274,6 +1262,15 @@ def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolde
 def tga_batch(n=4, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 32, 32, generator=g), torch.arange(n) % len(CLASSES)
+
+
+def tga_case(module):
+    """tga_setup's encoder, args and state, a batch, and the script's per-batch targets for it."""
+    _, enc, args, m = tga_setup(module)
+    x, y = tga_batch()
+    with torch.no_grad():
+        t = module.targets(x, y, m, args)
+    return enc, args, m, x, y, t
 
 
 def nudge(enc, seed=2, scale=0.05):
@@ -1335,10 +1332,7 @@ def test_maps_have_input_size_lie_in_01_and_use_only_the_true_class(module):
 
 @pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
 def test_loss_is_plain_ce_when_f_is_f0_and_x_adv_is_x(module):
-    _, enc, args, m = tga_setup(module)
-    x, y = tga_batch()
-    with torch.no_grad():
-        t = module.targets(x, y, m, args)
+    enc, args, m, x, y, t = tga_case(module)
     loss, terms = module.loss_fn(enc, x, x, t, m, args)
     assert terms["refine"] == 0 and terms["constrain"] == 0 and torch.equal(loss.detach(), terms["ce"])
     heads = m.heads if module is saft else m.text[None]
@@ -1348,10 +1342,7 @@ def test_loss_is_plain_ce_when_f_is_f0_and_x_adv_is_x(module):
 
 @pytest.mark.parametrize("module", TGA_METHODS, ids=lambda m: m.__name__)
 def test_attention_terms_follow_the_trained_encoder_only(module):
-    _, enc, args, m = tga_setup(module)
-    x, y = tga_batch()
-    with torch.no_grad():
-        t = module.targets(x, y, m, args)
+    enc, args, m, x, y, t = tga_case(module)
     nudge(enc)
     x_adv = attacks.pgd(lambda z: z.mean((2, 3)), x, y, 4 / 255, 4 / 255, 1)  # any point in the ball
     loss, terms = module.loss_fn(enc, x, x_adv, t, m, args)
@@ -1375,10 +1366,7 @@ def test_defaults_are_the_papers():
 
 @pytest.mark.parametrize("module", [tga_zsr, comp_tga], ids=lambda m: m.__name__)
 def test_training_attack_is_pgd_on_the_ce_term(module):
-    _, enc, args, m = tga_setup(module)
-    x, y = tga_batch()
-    with torch.no_grad():
-        t = module.targets(x, y, m, args)
+    enc, args, m, x, y, t = tga_case(module)
     torch.manual_seed(5)
     x_adv = module.train_attack(enc, x, t, m, args)
     torch.manual_seed(5)
