@@ -20,18 +20,33 @@ import attacks
 import clip
 import data
 import evaluate
+import harness
 
-PAPER = dict(train_set="imagenet", batch_size=256, lr=4e-4)  # SPEC 2 (AGFT paper, Implementation Details)
-TOY = dict(lr=1e-3, max_steps=300)
+# The paper's main setting: the default of every flag (`python agft.py --help` prints them all), with its source.
+# Optimizer SGD, momentum 0.9 (paper Sec. 4.1), weight decay 0 (official code); lr: linear warm-up,
+# then cosine decay to 0 at the last step (cosine: paper; warm-up: official code). No data augmentation.
+PAPER = dict(
+    model="ViT-B/32",       # paper Sec. 4.1
+    train_set="imagenet",   # ImageNet-1k: paper Sec. 4.1
+    batch_size=256,         # paper Sec. 4.1
+    lr=4e-4,                # paper Sec. 4.1
+    epochs=10,              # paper Sec. 4.1
+    warmup_steps=1000,      # official code
+    eps=1 / 255,            # paper Sec. 4.1
+    step_size=1 / 255,      # paper Sec. 4.1 (step = eps)
+    attack_steps=2,         # paper Sec. 4.1
+    gamma=0.4,              # temperature-scaling ratio: paper Sec. 4.1 (official code's default: 1)
+    inv_tau=180.0,          # training logit scale 1/tau: paper Sec. 4.1 (official code's default: 100)
+)
+TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
 
 
 # ----------------------------------------------------------------------------- the method
 
 
 def add_method_args(p):
-    p.add_argument("--gamma", type=float, default=0.4, help="temperature-scaling ratio in (0, 1] (Eq. 8)")
-    p.add_argument("--inv-tau", type=float, default=180.0, help="training logit scale 1/tau (Eq. 8-9)")
-    # the official code's argparse defaults are 1/tau 100, gamma 1; its README command passes the paper's 180, 0.4
+    p.add_argument("--gamma", type=evaluate.unit_interval, help="temperature-scaling ratio (Eq. 8)")
+    p.add_argument("--inv-tau", type=evaluate.positive, help="training logit scale 1/tau (Eq. 8-9)")
 
 
 def setup_method(model, train_set, encoder, args, run):
@@ -40,29 +55,31 @@ def setup_method(model, train_set, encoder, args, run):
     main() calls this before resuming a checkpoint, so f0 is the pre-trained encoder on a resumed run too.
     """
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    return SimpleNamespace(text=evaluate.text_head(model, train_set).to(run.device), f0=f0)
+    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
 
 
-def targets(x, y, m, args):
+def training_targets(x, y, m, args):
     """The calibrated soft target (Eq. 6 with Eq. 8's temperature tau/gamma), from f0 on the clean x, no grad:
     p = softmax(gamma * inv_tau * cos(f0(x), T)), [B, C]. Both the attack and the loss take it as their labels."""
     return F.softmax(clip.cosine_logits(m.f0(x), m.text, args.gamma * args.inv_tau), dim=1)
 
 
-def train_attack(f, x, y, m, args):
+def train_attack(f, x, targets, m, args):
     """PGD maximising the soft-label CE at the training scale inv_tau (Eq. 10's inner max; the official code does the
-    same): L-inf, random start, sign steps, input gradient only (SPEC 1.5)."""
-    model = clip.ZeroShotClassifier(f, m.text, args.inv_tau)
-    return attacks.pgd(model, x, y, args.eps, args.step_size, args.attack_steps)
+    same): L-inf, random start, sign steps, input gradient only."""
+    p = targets
+    return attacks.pgd(clip.ZeroShotClassifier(f, m.text, args.inv_tau), x, p, args.eps, args.step_size,
+                       args.attack_steps)
 
 
-def loss_fn(f, x, x_adv, y, m, args):
+def loss_fn(f, x, x_adv, targets, m, args):
     """AGFT's loss (Eq. 9): CE(inv_tau * cos(f(x_adv), T), p), summed over classes, averaged over the batch.
 
-    Passes besides the attack: f0 on x (in targets, no grad) and f on x_adv forward and backward: 2 forwards,
-    1 backward, as the paper's Table 10.
+    Passes besides the attack: f0 on x (in training_targets, no grad) and f on x_adv forward and backward:
+    2 forwards, 1 backward, as the paper's Table 10.
     """
-    loss = F.cross_entropy(clip.cosine_logits(f(x_adv), m.text, args.inv_tau), y)
+    p = targets
+    loss = F.cross_entropy(clip.cosine_logits(f(x_adv), m.text, args.inv_tau), p)
     return loss, {"ce": loss.detach()}
 
 
@@ -70,14 +87,14 @@ def loss_fn(f, x, x_adv, y, m, args):
 
 
 def get_args(argv=None):
-    p = evaluate.training_parser(__doc__)
+    p = harness.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "agft", PAPER, TOY)
+    return harness.parse_args(p, argv, "agft", PAPER, TOY)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = evaluate.setup(args)
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -86,41 +103,44 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
-    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume()  # 0 for a new run
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
-        sampler.set_position(step)
+        sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
-            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.set_lr(opt, step, total, args)
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
+            lr = harness.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+
+            # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                y = targets(x, y, m, args)
+                targets = training_targets(x, y, m, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, y, m, args)
+                x_adv = train_attack(f, x, targets, m, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
+            scaler.step(opt)  # 5
             scaler.update()
+
             step += 1
             log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step)
+                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)
+    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -115,7 +115,7 @@ def bench_method(method, args, run):
     def step():  # the training scripts' loop body
         encoder.eval()
         with torch.no_grad(), run.autocast():
-            t = mod.targets(x, y, m, margs)
+            t = mod.training_targets(x, y, m, margs)
         target_passes = counter.take()
         with run.attack_autocast():
             x_adv = mod.train_attack(f, x, t, m, margs)

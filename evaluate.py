@@ -1,4 +1,5 @@
-"""Zero-shot clean and robust accuracy of CLIP, and the run harness shared by the six training scripts.
+"""Zero-shot clean and robust accuracy of CLIP: the evaluation command, and what it shares with the training harness
+(harness.py): errors and flags, the run (processes, device, precision), checkpoint formats, pictures.
 
     python evaluate.py --toy --checkpoint runs/tecoa-toy/ckpt.pt     # toy world, offline
     python evaluate.py --model ViT-B/32 --checkpoint runs/tecoa/ckpt.pt --data-root /data --datasets cifar10,stl10
@@ -10,7 +11,7 @@ Clean accuracy is top-1 accuracy on the originals; robust accuracy the share of 
 attacked (AutoAttack's count). The AGFT code scores the adversarial images alone, which differs only where an attack
 makes a clean-wrong image right, as targeted attacks can; results.json counts those images as "raised".
 
-Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack
+Attacks (`--attack`, see attack_table): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack
 (`--aa seed`: APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: + APGD-T, FAB-T, Square), mifgsm,
 difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
 target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
@@ -22,7 +23,6 @@ Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one at
 """
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -63,8 +63,8 @@ def cli(main):
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: 'error: argument --eps: ... (see --help)'."""
 
-    def __init__(self, doc):
-        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def __init__(self, doc, formatter_class=argparse.RawDescriptionHelpFormatter):
+        super().__init__(description=doc, formatter_class=formatter_class)
 
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -78,6 +78,8 @@ def parse_eps(text):
         value = float(num) / float(den or 1)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
+    if value != value:  # NaN
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' is negative")
     if value > 1:
@@ -89,55 +91,33 @@ def fmt_eps(value):
     return f"{value * 255:g}/255"
 
 
-COMMON_PAPER = dict(model="ViT-B/32", epochs=10, warmup_steps=1000, eps=1 / 255, step_size=1 / 255, attack_steps=2,
-                    workers=8, eval_sets=",".join(data.ZERO_SHOT_SETS), eval_baseline=False, eval_every=0)
-COMMON_TOY = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
-                  epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
-                  attack_steps=2, workers=0, eval_baseline=True, eval_every=50)
+def ranged(kind, ok, rule):
+    """An argparse type: `kind` (int or float) for which ok(value) holds, else one line naming the rule. NaN fails
+    every comparison, so every rule refuses it."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is out of range: it must be {rule}")
+        return value
+    parse.rule = rule
+    return parse
 
 
-def training_parser(doc):
-    """The flags every training script shares. Flags left at None are filled by the paper or --toy preset."""
-    p = Parser(doc)
-    add = p.add_argument
-    add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU")
-    add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
-    add("--train-set", help="imagenet | tinyimagenet | imagefolder | toy")
-    add("--data-root", help="folder holding the datasets (or the image folder for --train-set imagefolder)")
-    add("--eval-sets", help="comma-separated zero-shot evaluation sets")
-    add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
-    add("--epochs", type=int)
-    add("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    add("--batch-size", type=int, help="global batch size (split across processes under torchrun)")
-    add("--lr", type=float)
-    add("--warmup-steps", type=int)
-    add("--eps", type=parse_eps, help="L-inf radius of the training attack, e.g. 1/255")
-    add("--step-size", type=parse_eps, help="training attack step size, e.g. 1/255")
-    add("--attack-steps", type=int, help="training attack steps")
-    add("--out-dir", help="where the checkpoint, log, arguments and results go")
-    add("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    add("--log-every", type=int, default=10)
-    add("--eval-every", type=int, help="every N steps, zero-shot clean accuracy on 100 fixed images of each eval set, "
-                                       "for curve.png (default 0: off; 50 with --toy)")
-    add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
-    add("--workers", type=int, help="data-loading processes")
-    add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    add("--compile", action="store_true", help="torch.compile the image encoder")
-    add("--seed", type=int, default=0)
-    return p
+positive_int = ranged(int, lambda v: v >= 1, ">= 1")
+count = ranged(int, lambda v: v >= 0, ">= 0")
+positive = ranged(float, lambda v: 0 < v < math.inf, "> 0 and finite")
+non_negative = ranged(float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
+unit_interval = ranged(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def finish_args(args, method, paper, toy):
-    """Fill unset flags from the --toy preset or the paper's setting, then check them."""
-    preset = {**COMMON_TOY, **toy} if args.toy else {**COMMON_PAPER, **paper}
-    preset["out_dir"] = os.path.join("runs", method + ("-toy" if args.toy else ""))
-    for k, v in preset.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.method = method
-    check_attack_flags(args.eps, args.step_size, args.attack_steps)
-    return args
+def parse_device(text):
+    """auto, cpu, cuda or cuda:N."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda or cuda:N)")
 
 
 def check_attack_flags(eps, step_size, steps):
@@ -169,7 +149,7 @@ class Run:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def attack_autocast(self):
-        """Input gradients in bf16 or fp32, never fp16 (fp16 gradients underflow and mask the attack, SPEC 1.7)."""
+        """Input gradients in bf16 or fp32, never fp16 (fp16 gradients underflow and mask the attack)."""
         return self.autocast() if self.dtype == torch.bfloat16 else contextlib.nullcontext()
 
     def log(self, msg):
@@ -194,8 +174,9 @@ class Run:
         return t.tolist()
 
 
-def setup(args):
-    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed, output folder with args.json."""
+def setup(args, save_args=True):
+    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed; the output folder with args.json unless
+    save_args is False (the training harness writes it once the run is accepted)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -214,7 +195,7 @@ def setup(args):
         dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     torch.manual_seed(args.seed + rank)
     run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
-    if run.out_dir and run.main:
+    if run.out_dir and run.main and save_args:
         os.makedirs(run.out_dir, exist_ok=True)
         with open(os.path.join(run.out_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
@@ -239,122 +220,13 @@ class Progress:
             self.run.log(f"{self.what} {self.done}/{self.total}{extra} | {rate:.1f} {self.unit}/s | ETA {fmt_time(eta)}")
 
 
-def fmt_terms(terms):
-    return " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
-
-
 def fmt_time(seconds):
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def lr_at(step, total, warmup, lr):
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at the last step (SPEC 1.6)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
-def set_lr(opt, step, total, args):
-    lr = lr_at(step, total, args.warmup_steps, args.lr)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-PROBE_N = 100  # images per evaluation set in TrainLog's held-out accuracy curve
-
-
-class TrainLog:
-    """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the curves.
-
-    With --eval-every N, rank 0 also measures zero-shot clean accuracy on a fixed subset of PROBE_N images of each
-    evaluation set at the start and every N steps (encoder in eval mode, no grad). close() writes curve.json and
-    curve.png (loss, and that accuracy, over steps)."""
-
-    def __init__(self, args, run, train_set, total, step, encoder):
-        self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
-        self.t0, self.history, self.accuracy = time.time(), [], []
-        run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
-                f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
-                f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
-        self.probe = self.probe_sets() if getattr(args, "eval_every", 0) and run.main else None
-        if self.probe:
-            self.measure(step)
-
-    def probe_sets(self):
-        """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
-        model = clip.load(self.args.model, device=self.run.device)
-        sets = eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution, PROBE_N)
-        return {name: (ds, text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
-
-    @torch.no_grad()
-    def measure(self, step):
-        training = self.encoder.training
-        self.encoder.eval()
-        acc = {}
-        for name, (ds, text) in self.probe.items():
-            right = 0
-            for x, y in data.make_loader(ds, self.args.batch_size):
-                with self.run.autocast():
-                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device, ds.resize_to)), text, 1.0).argmax(-1)
-                right += (pred.cpu() == y).sum().item()
-            acc[name] = 100 * right / len(ds)
-        self.encoder.train(training)
-        self.accuracy.append((step, acc))
-        self.run.log(f"step {step}: held-out clean accuracy (%, {PROBE_N} images each) " +
-                     " ".join(f"{k} {v:.1f}" for k, v in acc.items()))
-
-    def check_finite(self, step, loss, terms):
-        if self.run.all_sum([float(torch.isfinite(loss.detach()))])[0] < self.run.world:
-            raise UsageError(f"loss is {loss.item()} at step {step} ({fmt_terms(terms)}); stopped, the last good "
-                             f"checkpoint in {self.args.out_dir} is kept; try a lower --lr")
-
-    def step(self, step, loss, terms, lr):
-        loss = loss.item()  # no extra wait: check_finite has synchronised on the loss already
-        self.history.append((step, loss))
-        if self.probe and (step % self.args.eval_every == 0 or step == self.total):
-            self.measure(step)
-        if step % self.args.log_every and step != self.total:
-            return
-        rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
-        self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
-                     f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
-
-    def close(self):
-        if not (self.run.main and self.run.out_dir):
-            return
-        with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
-            json.dump({"step_loss": self.history, "eval_every": getattr(self.args, "eval_every", 0),
-                       "clean_accuracy": self.accuracy}, f)
-        names = list(self.accuracy[0][1]) if self.accuracy else []
-        acc = {n: [(s, a[n]) for s, a in self.accuracy] for n in names}
-        if len(names) > 1:
-            acc["mean"] = [(s, sum(a.values()) / len(a)) for s, a in self.accuracy]
-        panels = [(f"{self.args.method}: training loss", {"loss": self.history})]
-        if acc:
-            panels.append((f"held-out zero-shot clean accuracy (%), {PROBE_N} images each", acc))
-        path = os.path.join(self.run.out_dir, "curve.png")
-        plot_curves(path, panels)
-        self.run.log(f"wrote {path}")
-
-
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path, obj):
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over the old one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_checkpoint(path):
@@ -367,38 +239,6 @@ def read_checkpoint(path):
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
-class Checkpoint:
-    """--out-dir/ckpt.pt: image encoder, optimizer, loss scaler and step, written atomically by rank 0."""
-
-    def __init__(self, args, run, model, opt, scaler):
-        self.path, self.args, self.run, self.model, self.opt, self.scaler = (
-            os.path.join(args.out_dir, "ckpt.pt"), args, run, model, opt, scaler)
-
-    def resume(self):
-        """The step to start from: the checkpoint's with --resume, else 0 (refusing to overwrite a run)."""
-        if not self.args.resume:
-            if os.path.isfile(self.path):
-                raise UsageError(f"{self.path} exists: pass --resume to continue that run, or choose another --out-dir")
-            return 0
-        if not os.path.isfile(self.path):
-            raise UsageError(f"--resume: no checkpoint at {self.path}; start without --resume")
-        ckpt = load_visual(self.model, self.path, self.args.model)
-        if ckpt.get("method") != self.args.method:
-            raise UsageError(f"{self.path} was written by {ckpt.get('method')}, not {self.args.method}")
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.run.log(f"resuming {self.path} at step {ckpt['step']}")
-        return ckpt["step"]
-
-    def save(self, step):
-        if self.run.main:
-            save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),
-                                        "scaler": self.scaler.state_dict(), "step": step, "model": self.args.model,
-                                        "method": self.args.method, "args": vars(self.args)})
-
-
-# The image-encoder checkpoints load_visual reads: (what it says it found, test, the encoder's state dict), first match
-# wins. The keys of the state dict are OpenAI's image-tower names (those of clip/model.py), possibly after "module."
 # (DataParallel) and, in open_clip files, with layer scales (ls_1/ls_2.gamma), which are folded into the projections.
 CHECKPOINT_FORMATS = [
     ("nanoZSAR checkpoint", lambda c: isinstance(c.get("visual"), dict), lambda c: c["visual"]),
@@ -493,6 +333,10 @@ def load_visual(model, path, model_name):
         ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
         raise UsageError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
                          f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UsageError(f"{path}: {name} with non-finite (NaN/inf) weights in {len(broken)} tensors, e.g. {broken[0]}; "
+                         "a diverged run wrote it: use an earlier checkpoint")
     model.visual.load_state_dict(sd)
     print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}", file=sys.stderr)
     return ckpt
@@ -551,8 +395,8 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
 APGD_BASED = ["apgd_ce", "apgd_dlr", "apgd_t", "autoattack"]
-# AGFT's Table 6, in its column order (SPEC 3; notes/spec_eval.md 2.11): PGD, MI, DI2, TI, NI, PI, PI++, C&W, AA, PGDT,
-# PGDTL, MIT, DI2T, TIT, NIT. AGFT's own "AA" is 10-step APGD with EOT 20; ours is the seed papers' 100-step AutoAttack.
+# AGFT's Table 6, in its column order: PGD, MI, DI2, TI, NI, PI, PI++, C&W, AA, PGDT, PGDTL, MIT, DI2T, TIT, NIT.
+# AGFT's own "AA" is 10-step APGD with EOT 20; ours is the seed papers' 100-step AutoAttack.
 AGFT_ATTACKS = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm", "pifgsm", "pifgsm++", "cw", "autoattack", "pgd_t_rand",
                 "pgd_t_least", "mifgsm_t_rand", "difgsm_t_rand", "tifgsm_t_rand", "nifgsm_t_rand"]
 
@@ -709,7 +553,7 @@ def average(results, over=None):
     return {k: sum(results[n][k] for n in names) / max(len(names), 1) for k in ("clean", "robust")}
 
 
-# The three papers' evaluation protocols (SPEC 4): PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
+# The three papers' evaluation protocols: PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
 # STL-10 are resized to the model resolution before the attack, the sets in the order of the paper's table columns,
 # and the sets the average covers.
 TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101", "oxford_pets", "flowers102", "dtd",
@@ -812,50 +656,6 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
             for n in names}
 
 
-def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
-    """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
-    version, 2 since robust accuracy counts only images right both clean and attacked)."""
-    from clip.toy import toy_cache_path
-    weights = toy_cache_path() if args.model == "toy" else args.model
-    stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
-    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    if os.path.isfile(path):
-        run.log(f"the pre-trained encoder's results: {path} (cached)")
-        with open(path) as f:
-            return json.load(f)
-    run.log("evaluating the pre-trained encoder")
-    results = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    if run.main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f)
-        os.replace(path + ".tmp", path)
-    return results
-
-
-def final_evaluation(encoder, args, run):
-    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
-    model = clip.load(args.model, device=run.device)
-    step = args.eps / 4 if args.toy else 1 / 255
-    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
-    attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
-    attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
-    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
-    baseline = None
-    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
-    if args.eval_baseline:
-        baseline = baseline_results(f0, model, sets, attack, attack0, cfg, args, run)
-    run.log("evaluating the fine-tuned encoder")
-    results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
-    out = report(run, args.model, cfg, results, baseline, over=over)
-    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
-        save_attention(encoder, f0, model, attack, args, run)
-    return out
-
-
 # ----------------------------------------------------------------------------- pictures (PNG, drawn with Pillow)
 
 TILE = 128  # images smaller than this are upscaled (nearest neighbour) by an integer factor
@@ -935,107 +735,6 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
         save_grid(path, [[x[i], x_adv[i], delta[i]] for i in range(len(y))],
                   ["clean", f"adversarial, eps {fmt_eps(eps)}", "perturbation (scaled)"], notes, name)
         run.log(f"wrote {path}")
-
-
-# The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the
-# set's prompt (SAFT too, whose own maps average its K description heads instead), Comp-TGA's A_cls * (1 - A_non).
-ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)", None),
-             "comp_tga": ("Comp-TGA map", ("This is a photo of a {}", "This is not a photo of a {}"))}
-
-
-def attention_images(args, resolution, n):
-    """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
-    try:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution)
-    except data.DataError:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True)
-    return eval_subset(ds, n)
-
-
-def save_attention(encoder, f0, model, attack, args, run):
-    """attention.png: for --save-attention N images, the method's text-guided attention map (clip/model.py) of the
-    pre-trained encoder f0 and the fine-tuned encoder, on the clean image and on the attack's image against that
-    encoder, overlaid on the image; the notes give each encoder's clean and adversarial prediction."""
-    title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
-    ds = attention_images(args, model.visual.input_resolution, args.save_attention)
-    x, y = next(iter(data.make_loader(ds, len(ds))))
-    x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
-    head = text_head(model, ds).to(run.device)
-    if prompts:
-        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
-    columns, preds = [x], []
-    for f in (f0, encoder):
-        f.eval()
-        classifier = clip.ZeroShotClassifier(f, head)
-        with run.attack_autocast():
-            x_adv = attack(classifier, x, y)
-        for img in (x, x_adv):
-            with torch.no_grad(), run.autocast():
-                tokens = f(img, all_tokens=True)
-            if prompts:
-                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
-            else:
-                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
-            columns.append(torch.stack([overlay(img[i], maps[i]) for i in range(len(y))]))
-            preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
-    c = ds.classnames
-    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", GOOD if p[i] == y[i] else BAD)
-             for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
-                                        ("fine-tuned", "adv")], preds)] for i in range(len(y))]
-    path = os.path.join(run.out_dir, "attention.png")
-    save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
-              ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
-              f"{title}, true class")
-    run.log(f"wrote {path}")
-
-
-def nice_ticks(lo, hi, n=5, least=0.0):
-    raw = max((hi - lo) / n, least)
-    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-
-
-def plot_curves(path, panels, size=(440, 280)):
-    """One PNG of line plots side by side; panels: [(title, {series name: [(x, y), ...]})]."""
-    from PIL import Image, ImageDraw
-    pw, ph = size
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, series) in enumerate(panels):
-        legend = 110 if len(series) > 1 else 0
-        x0, y0, x1, y1 = p * pw + 50, 22, (p + 1) * pw - 14 - legend, ph - 30
-        draw.text((x0, 5), title, fill="black")
-        pts = [pt for s in series.values() for pt in s]
-        if not pts:
-            draw.text((x0, y0 + 20), "not measured", fill="black")
-            continue
-        xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
-        ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
-        xhi, (ylo, yhi) = max(xhi, xlo + 1), (ylo - 0.5, yhi + 0.5) if yhi - ylo < 1e-6 else (ylo, yhi)
-        pad = 0.05 * (yhi - ylo)
-        ylo, yhi = ylo - pad, yhi + pad
-        X = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
-        Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
-        for t in nice_ticks(ylo, yhi):
-            draw.line([(x0, Y(t)), (x1, Y(t))], fill="#e8e8e8")
-            draw.text((p * pw + 4, Y(t) - 6), f"{t:.4g}", fill="black")
-        for t in nice_ticks(xlo, xhi, least=1):  # steps: whole numbers
-            draw.line([(X(t), y1), (X(t), y1 + 3)], fill="black")
-            draw.text((X(t) - 8, y1 + 5), f"{t:.4g}", fill="black")
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text(((x0 + x1) // 2 - 10, ph - 13), "step", fill="black")
-        for k, (name, s) in enumerate(series.items()):
-            colour = "black" if name == "mean" else PALETTE[k % len(PALETTE)]
-            line = [(X(x), Y(y)) for x, y in s]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=2)
-            for px, py in line if len(line) <= 40 else []:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            if legend:
-                ly = y0 + 4 + LINE * k
-                draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
-                draw.text((x1 + 26, ly), name[:16], fill="black")
-    img.save(path, optimize=True)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -18,9 +18,25 @@ import attacks
 import clip
 import data
 import evaluate
+import harness
 
-PAPER = dict(train_set="tinyimagenet", batch_size=256, lr=5e-5)  # SPEC 2 (the official code's; AGFT: 1e-5 on ImageNet)
-TOY = dict(lr=1e-3, max_steps=300)
+# The paper's main setting: the default of every flag (`python pmg_aft.py --help` prints them all), with its source.
+# Optimizer SGD, momentum 0.9, weight decay 0 (official code); lr: linear warm-up, then cosine decay to 0 at the
+# last step (official code). No data augmentation.
+PAPER = dict(
+    model="ViT-B/32",          # official code
+    train_set="tinyimagenet",  # official README command
+    batch_size=256,            # official code
+    lr=5e-5,                   # official code, PMG-AFT's own setting (the AGFT paper found 1e-5 better on ImageNet)
+    epochs=10,                 # official code
+    warmup_steps=1000,         # official code
+    eps=1 / 255,               # official README command
+    step_size=1 / 255,         # official README command (step = eps)
+    attack_steps=2,            # official README command
+    alpha=1.0,                 # weight of L_general: official code (fixed at 1 there)
+    beta=1.0,                  # weight of L_clean: official code (fixed at 1 there)
+)
+TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 # Official code differs: raw cosine logits (scale 1) in the CE, both KLs and the attack, ImageNet mean/std, KL summed
 # over the batch; we keep the paper's structure at CLIP's scale, KL averaged per sample, as AGFT's reproduction does.
@@ -30,8 +46,8 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of L_general, KL to the frozen model on x_adv")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of L_clean, KL to the model's own clean output")
+    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of L_general, KL to the frozen model on x_adv")
+    p.add_argument("--beta", type=evaluate.non_negative, help="weight of L_clean, KL to the model's own clean output")
 
 
 def setup_method(model, train_set, encoder, args, run):
@@ -40,16 +56,17 @@ def setup_method(model, train_set, encoder, args, run):
     main() calls this before resuming a checkpoint, so f0 is the pre-trained encoder on a resumed run too.
     """
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    return SimpleNamespace(text=evaluate.text_head(model, train_set).to(run.device), f0=f0)
+    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
 
 
-def targets(x, y, m, args):
-    """What the attack and the loss aim at (computed once per batch, no grad): PMG-AFT uses the hard labels."""
+def training_targets(x, y, m, args):
+    """What the attack and the loss aim at (computed once per batch, no grad): PMG-AFT uses the hard labels y."""
     return y
 
 
-def train_attack(f, x, y, m, args):
-    """PGD on L_robust, the fine-tuned model's CE (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
+def train_attack(f, x, targets, m, args):
+    """PGD on L_robust, the fine-tuned model's CE: L-inf, random start, sign steps, input gradient only."""
+    y = targets
     return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
@@ -58,13 +75,15 @@ def kl(target_logits, logits):
     return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target_logits, 1), reduction="batchmean", log_target=True)
 
 
-def loss_fn(f, x, x_adv, y, m, args):
+def loss_fn(f, x, x_adv, targets, m, args):
     """PMG-AFT's loss L_robust + alpha * L_general + beta * L_clean. Returns the loss and its terms.
 
-    Passes besides the attack: f on [x_adv; x] in one forward (2 of the paper's Table 10 forwards, both backpropagated),
-    f0 on x_adv without grad: 3 forwards, 2 backwards, as Table 10. The clean target is not detached (SPEC 2).
-    One forward of f on both halves equals two for a ViT; a ResNet's BatchNorm in train mode pools their statistics.
+    Passes besides the attack: f on [x_adv; x] in one forward (2 of the AGFT paper's Table 10 forwards, both
+    backpropagated), f0 on x_adv without grad: 3 forwards, 2 backwards, as Table 10. The clean target is not detached
+    (as in the official code and the AGFT paper's reproduction). One forward of f on both halves equals two for a
+    ViT; a ResNet's BatchNorm in train mode pools their statistics.
     """
+    y = targets
     z_adv, z_clean = clip.cosine_logits(f(torch.cat([x_adv, x])), m.text, SCALE).chunk(2)
     with torch.no_grad():
         z0_adv = clip.cosine_logits(m.f0(x_adv), m.text, SCALE)
@@ -79,14 +98,14 @@ def loss_fn(f, x, x_adv, y, m, args):
 
 
 def get_args(argv=None):
-    p = evaluate.training_parser(__doc__)
+    p = harness.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "pmg_aft", PAPER, TOY)
+    return harness.parse_args(p, argv, "pmg_aft", PAPER, TOY)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = evaluate.setup(args)
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -95,41 +114,44 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
-    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume()  # 0 for a new run
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
-        sampler.set_position(step)
+        sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
-            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.set_lr(opt, step, total, args)
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
+            lr = harness.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+
+            # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                y = targets(x, y, m, args)
+                targets = training_targets(x, y, m, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, y, m, args)
+                x_adv = train_attack(f, x, targets, m, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
+            scaler.step(opt)  # 5
             scaler.update()
+
             step += 1
             log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step)
+                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)
+    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -4,8 +4,9 @@ TGA-ZSR (tga_zsr.py) with K text heads instead of one prompt per class: head W_k
 description of every class, the descriptions (an LLM's, --descriptions) ranked by their CLIP text similarity to
 the bare class name (hallucination-aware filtering, Eq. 2-3). Attack and loss average the cross-entropy over heads:
     L = mean_k CE(s * cos(f(x_adv), W_k), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
-where the attention maps A use, for each sample, the mean over k of W_k[y]; x_adv = PGD on mean_k CE (semantic-ensemble
-attack). Without --descriptions, an ensemble of hand-written templates stands in (and the script says so).
+where the attention maps A (see attention() below) use, for each sample, the mean over k of W_k[y]; x_adv = PGD on
+mean_k CE (semantic-ensemble attack). Without --descriptions, an ensemble of hand-written templates stands in (and
+the script says so).
 
     python saft.py --toy                                    # offline toy world (its own descriptions), a few minutes
     python saft.py --data-root /data --descriptions prompts/cupl.json   # the paper: ViT-B/32, TinyImageNet, K = 5
@@ -23,9 +24,26 @@ import attacks
 import clip
 import data
 import evaluate
+import harness
 
-PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. 5.1
-TOY = dict(lr=1e-3, max_steps=300, save_attention=8)
+# The paper's main setting: the default of every flag (`python saft.py --help` prints them all), with its source.
+# Optimizer SGD, momentum 0.9, weight decay 0 (paper Sec. 5.1); lr: linear warm-up, then cosine decay to 0 at the
+# last step (official code). No data augmentation.
+PAPER = dict(
+    model="ViT-B/32",          # paper Sec. 5.1
+    train_set="tinyimagenet",  # paper Sec. 5.1
+    batch_size=128,            # paper Sec. 5.1
+    lr=1e-4,                   # paper Sec. 5.1
+    epochs=10,                 # paper Sec. 5.1 (Tiny-ImageNet runs)
+    warmup_steps=1000,         # official code
+    eps=1 / 255,               # paper Sec. 5.1
+    step_size=1 / 255,         # official code (step = eps)
+    attack_steps=2,            # paper Sec. 5.1
+    k=5,                       # descriptions per class, top-5 by relevance: paper Sec. 5.1
+    alpha=0.08,                # TGA-ZSR's refinement weight (paper Sec. 5.1 adopts TGA-ZSR's loss; official code)
+    beta=0.05,                 # TGA-ZSR's constraint weight (as alpha)
+)
+TOY = dict(lr=1e-3, max_steps=300, save_attention=8)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
@@ -38,13 +56,14 @@ TEMPLATES = ["a photo of a {}.", "an image of a {}.", "a picture of a {}.", "Thi
 
 
 def add_method_args(p):
-    p.add_argument("--descriptions", metavar="PATH", help="JSON: class name -> descriptions (SAFT's prompts/*.json)")
-    p.add_argument("--k", type=int, default=5, help="descriptions kept per class, i.e. text heads")
-    p.add_argument("--alpha", type=float, default=0.08, help="weight of the attention refinement term (adversarial)")
-    p.add_argument("--beta", type=float, default=0.05, help="weight of the attention constraint term (clean)")
-    p.add_argument("--save-attention", type=int, metavar="N", help="at the end, write attention.png: the text-guided "
-                   "maps of the pre-trained and fine-tuned encoders on N clean and adversarial images (0: off, the "
-                   "default; 8 with --toy)")
+    p.add_argument("--descriptions", metavar="PATH", help="JSON: class name -> descriptions (SAFT's prompts/*.json); "
+                   "without it, hand-written templates, or under --toy the toy world's own descriptions")
+    p.add_argument("--k", type=evaluate.positive_int, help="descriptions kept per class, i.e. text heads")
+    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=evaluate.non_negative, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=evaluate.count, default=0, metavar="N", help="at the end, write "
+                   "attention.png: the text-guided maps of the pre-trained and fine-tuned encoders on N clean and "
+                   "adversarial images (0: off)")
 
 
 def read_descriptions(path):
@@ -53,13 +72,13 @@ def read_descriptions(path):
         with open(path) as f:
             desc = json.load(f)
     except OSError as e:
-        raise evaluate.UsageError(f"--descriptions {path}: cannot read it ({e.strerror})") from None
+        raise harness.UsageError(f"--descriptions {path}: cannot read it ({e.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise evaluate.UsageError(f"--descriptions {path} is not valid JSON ({e})") from None
+        raise harness.UsageError(f"--descriptions {path} is not valid JSON ({e})") from None
     if not isinstance(desc, dict) or not all(isinstance(v, list) and all(isinstance(d, str) for d in v)
                                              for v in desc.values()):
-        raise evaluate.UsageError(f"--descriptions {path}: expected a JSON object mapping each class name to a list of "
-                                  "description strings (the format of SAFT's prompts/*.json)")
+        raise harness.UsageError(f"--descriptions {path}: expected a JSON object mapping each class name to a list of "
+                                 "description strings (the format of SAFT's prompts/*.json)")
     return desc
 
 
@@ -94,45 +113,55 @@ def select_descriptions(model, classnames, prompts, desc, k):
 
 
 def setup_method(model, train_set, encoder, args, run):
-    """The K text heads W [K, C, D] (W_k: the k-th ranked description of every class), their mean per class for the
-    attention maps, and the frozen pre-trained encoder f0."""
+    """The K text heads W [K, C, D] (W_k: the k-th ranked description of every class; the CE heads), their mean per
+    class for the attention maps (attention_text [C, D]), and the frozen pre-trained encoder f0."""
     if not isinstance(model.visual, clip.model.VisionTransformer):
-        raise evaluate.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
-                                  f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
-    if args.k < 1:
-        raise evaluate.UsageError(f"--k must be at least 1, got {args.k}")
+        raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
+                                 f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
     names, prompts = train_set.classnames, data.prompts(train_set)
-    if args.descriptions is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
-        desc, args.descriptions = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
-        if run.main:
-            with open(args.descriptions, "w") as f:
+    source = args.descriptions
+    if source is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
+        desc, source = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
+        if run.main:  # a copy beside the run, to read
+            with open(source, "w") as f:
                 json.dump(desc, f, indent=1)
     else:
-        desc = read_descriptions(args.descriptions) if args.descriptions else None
+        desc = read_descriptions(source) if source else None
     if desc is None:
         if args.k > len(TEMPLATES):
-            raise evaluate.UsageError(f"--k {args.k}: without --descriptions SAFT has only {len(TEMPLATES)} templates")
+            raise harness.UsageError(f"--k {args.k}: without --descriptions SAFT has only {len(TEMPLATES)} templates")
         run.log(f"{args.method}: no --descriptions file, so no LLM descriptions: the {args.k} text heads are "
                 f"{args.k} hand-written templates ({', '.join(TEMPLATES[:args.k])})")
         chosen = [[t.format(n) for t in TEMPLATES[:args.k]] for n in names]
     else:
         chosen, fell = select_descriptions(model, names, prompts, desc, args.k)
-        run.log(f"{args.method}: top {args.k} descriptions per class from {args.descriptions}; {len(fell)} of "
+        run.log(f"{args.method}: top {args.k} descriptions per class from {source}; {len(fell)} of "
                 f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to their template prompt"
                 + (f": {', '.join(fell[:8])}{', ...' if len(fell) > 8 else ''}" if fell else ""))
     heads = torch.stack([clip.encode_text(model, [c[k] for c in chosen]) for k in range(args.k)]).to(run.device)
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    return SimpleNamespace(heads=heads, text=heads.mean(0), chosen=chosen, f0=f0)
+    return SimpleNamespace(heads=heads, attention_text=heads.mean(0), chosen=chosen, f0=f0)
 
 
-def targets(x, y, m, args):
-    """The hard labels, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
+def training_targets(x, y, m, args):
+    """The hard labels y, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
     return y, attention(m.f0(x, all_tokens=True), y, x, m)
 
 
 def attention(tokens, y, x, m):
-    """A(x, t_y) with t_y the mean over k of W_k[y] (the official code's mean of the K maps' scores: the same)."""
-    return clip.text_guided_attention(tokens, m.text[y], x.shape[-2:])
+    """TGA-ZSR's A(x, t_y), [B, H, W] in [0, 1], with t_y the mean over k of W_k[y] (the official code averages the K
+    maps' patch scores before the min-max: the same, as the scores are linear in t), computed by
+    clip.text_guided_attention:
+      tokens: every output token of the ViT after ln_post and the projection, [B, 1+P, D];
+      1. each feature channel is divided by its L2 norm over the token axis (dim 1, the CLS token included; the
+         official code's normalisation, not a per-token cosine);
+      2. the P patch tokens are kept and each scored by its dot product with t_y;
+      3. the P scores are min-max normalised per image;
+      4. reshaped row-major to sqrt(P) x sqrt(P), the patch grid;
+      5. upsampled bilinearly (align_corners=False) to x's H x W.
+    Two maps are compared by clip.map_distance: the unsquared L2 norm of their difference over the flattened H*W map,
+    per sample, averaged over the batch."""
+    return clip.text_guided_attention(tokens, m.attention_text[y], x.shape[-2:])
 
 
 def head_logits(features, m):
@@ -145,19 +174,19 @@ def ensemble_ce(logits, y):
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]))
 
 
-def train_attack(f, x, y, m, args):
-    """Semantic-ensemble PGD on mean_k CE (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
-    y, _ = y
-    # paper Eq. 4 ascends the mean cosine to the true class's descriptions; the official code (and SPEC) the K-head CE
+def train_attack(f, x, targets, m, args):
+    """Semantic-ensemble PGD on mean_k CE: L-inf, random start, sign steps, input gradient only."""
+    y, _ = targets
+    # paper Eq. 4 descends the mean cosine to the true class's descriptions; the official code ascends the K-head CE
     return attacks.pgd(lambda x: head_logits(f(x), m), x, y, args.eps, args.step_size, args.attack_steps,
                        loss_fn=ensemble_ce)
 
 
-def loss_fn(f, x, x_adv, y, m, args):
+def loss_fn(f, x, x_adv, targets, m, args):
     """SAFT's loss as run (Sec. 5.1: TGA-ZSR's loss): mean_k CE + alpha * refinement + beta * constraint.
 
-    Paper Eq. 5 minimises the mean cosine dissimilarity instead; the official code (and SPEC) train this one."""
-    y, a0 = y
+    Paper Eq. 5 minimises the mean cosine dissimilarity instead; the official code trains this one."""
+    y, a0 = targets
     tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
     ce = ensemble_ce(head_logits(tokens[:, 0], m), y)
     refine = clip.map_distance(attention(tokens, y, x, m), a0)
@@ -170,14 +199,14 @@ def loss_fn(f, x, x_adv, y, m, args):
 
 
 def get_args(argv=None):
-    p = evaluate.training_parser(__doc__)
+    p = harness.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "saft", PAPER, TOY)
+    return harness.parse_args(p, argv, "saft", PAPER, TOY)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = evaluate.setup(args)
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -186,41 +215,44 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
-    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume()  # 0 for a new run
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
-        sampler.set_position(step)
+        sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
-            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.set_lr(opt, step, total, args)
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
+            lr = harness.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+
+            # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                y = targets(x, y, m, args)
+                targets = training_targets(x, y, m, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, y, m, args)
+                x_adv = train_attack(f, x, targets, m, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
+            scaler.step(opt)  # 5
             scaler.update()
+
             step += 1
             log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step)
+                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)
+    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -16,9 +16,23 @@ import attacks
 import clip
 import data
 import evaluate
+import harness
 
-PAPER = dict(train_set="imagenet", batch_size=256, lr=1e-5)  # SPEC 2 (the official code's lr 1e-7, eps 2/255 are not the paper's)
-TOY = dict(lr=1e-3, max_steps=300)
+# The paper's main setting: the default of every flag (`python tecoa.py --help` prints them all), with its source.
+# Optimizer SGD, momentum 0.9, weight decay 0 (official code); lr: linear warm-up, then cosine decay to 0 at the
+# last step (official code). No data augmentation.
+PAPER = dict(
+    model="ViT-B/32",       # official code
+    train_set="imagenet",   # ImageNet-1k: official README command
+    batch_size=256,         # official README command (2 GPUs x 128)
+    lr=1e-5,                # the follow-up papers' TeCoA runs; the official code's default 1e-7 is not the paper's
+    epochs=10,              # official code
+    warmup_steps=1000,      # official code
+    eps=1 / 255,            # paper; official README command (the code's default 2/255 is not the paper's)
+    step_size=1 / 255,      # official README command (step = eps)
+    attack_steps=2,         # official README command (the code's default 5 is not the paper's)
+)
+TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
@@ -31,21 +45,23 @@ def add_method_args(p):
 
 def setup_method(model, train_set, encoder, args, run):
     """What the loss needs besides the batch: the text features T of the training classes, encoded once."""
-    return SimpleNamespace(text=evaluate.text_head(model, train_set).to(run.device))
+    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device))
 
 
-def targets(x, y, m, args):
-    """What the attack and the loss aim at (computed once per batch, no grad): TeCoA uses the hard labels."""
+def training_targets(x, y, m, args):
+    """What the attack and the loss aim at (computed once per batch, no grad): TeCoA uses the hard labels y."""
     return y
 
 
-def train_attack(f, x, y, m, args):
-    """PGD on the training loss (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
+def train_attack(f, x, targets, m, args):
+    """PGD on the training loss: L-inf, random start, sign steps, input gradient only."""
+    y = targets
     return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
-def loss_fn(f, x, x_adv, y, m, args):
+def loss_fn(f, x, x_adv, targets, m, args):
     """TeCoA's loss (AGFT paper Eq. 4-5): CE(s * cos(f(x_adv), T), y). Returns the loss and its terms."""
+    y = targets
     loss = F.cross_entropy(clip.cosine_logits(f(x_adv), m.text, SCALE), y)
     return loss, {"ce": loss.detach()}
 
@@ -54,14 +70,14 @@ def loss_fn(f, x, x_adv, y, m, args):
 
 
 def get_args(argv=None):
-    p = evaluate.training_parser(__doc__)
+    p = harness.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "tecoa", PAPER, TOY)
+    return harness.parse_args(p, argv, "tecoa", PAPER, TOY)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = evaluate.setup(args)
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -70,41 +86,44 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
-    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume()  # 0 for a new run
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
-        sampler.set_position(step)
+        sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
-            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.set_lr(opt, step, total, args)
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
+            lr = harness.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+
+            # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                y = targets(x, y, m, args)
+                targets = training_targets(x, y, m, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, y, m, args)
+                x_adv = train_attack(f, x, targets, m, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
+            scaler.step(opt)  # 5
             scaler.update()
+
             step += 1
             log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step)
+                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)
+    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -1,10 +1,10 @@
 """TGA-ZSR: text-guided attention for zero-shot robustness (Yu, Zhang, Xu, NeurIPS 2024).
 
-TeCoA's cross-entropy plus two distances between text-guided attention maps A (clip.text_guided_attention: where
-the ground-truth class text finds its class among the ViT's patch tokens), anchored to the frozen pre-trained f0:
+TeCoA's cross-entropy plus two distances between text-guided attention maps A (see attention() below: where the
+ground-truth class text finds its class among the ViT's patch tokens), anchored to the frozen pre-trained f0:
     L = CE(s * cos(f(x_adv), T), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
 (refinement: adversarial; constraint: clean), x_adv = PGD on the CE term only. Equation numbers are those of the
-journal version that restates TGA-ZSR (Comp-TGA, papers/tga_zsr_comp_tga.txt). ViT backbones only.
+journal version that restates TGA-ZSR (the Comp-TGA paper). ViT backbones only.
 
     python tga_zsr.py --toy                                 # offline toy world on a CPU, a few minutes
     python tga_zsr.py --data-root /data                     # the paper: ViT-B/32, TinyImageNet, eps 1/255, 10 epochs
@@ -20,9 +20,25 @@ import attacks
 import clip
 import data
 import evaluate
+import harness
 
-PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. IV-A
-TOY = dict(lr=1e-3, max_steps=300, save_attention=8)
+# The paper's main setting: the default of every flag (`python tga_zsr.py --help` prints them all), with its source.
+# Optimizer SGD, momentum 0.9, weight decay 0 (paper Sec. IV-A); lr: linear warm-up, then cosine decay to 0 at the
+# last step (official code). No data augmentation.
+PAPER = dict(
+    model="ViT-B/32",          # paper Sec. IV-A
+    train_set="tinyimagenet",  # paper Sec. IV-A
+    batch_size=128,            # paper Sec. IV-A
+    lr=1e-4,                   # paper Sec. IV-A
+    epochs=10,                 # official code
+    warmup_steps=1000,         # official code
+    eps=1 / 255,               # paper Sec. IV-A
+    step_size=1 / 255,         # paper Sec. IV-A (step = eps)
+    attack_steps=2,            # paper Sec. IV-A
+    alpha=0.08,                # attention refinement weight: paper Sec. IV-A (0.08 for AutoAttack too)
+    beta=0.05,                 # attention constraint weight: paper Sec. IV-A (0.009 in its AutoAttack runs)
+)
+TOY = dict(lr=1e-3, max_steps=300, save_attention=8)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
@@ -30,44 +46,55 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    p.add_argument("--alpha", type=float, default=0.08, help="weight of the attention refinement term (adversarial)")
-    p.add_argument("--beta", type=float, default=0.05, help="weight of the attention constraint term (clean)")
-    p.add_argument("--save-attention", type=int, metavar="N", help="at the end, write attention.png: the text-guided "
-                   "maps of the pre-trained and fine-tuned encoders on N clean and adversarial images (0: off, the "
-                   "default; 8 with --toy)")
+    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=evaluate.non_negative, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=evaluate.count, default=0, metavar="N", help="at the end, write "
+                   "attention.png: the text-guided maps of the pre-trained and fine-tuned encoders on N clean and "
+                   "adversarial images (0: off)")
 
 
 def setup_method(model, train_set, encoder, args, run):
     """The text features T of the training classes, encoded once, and the frozen pre-trained encoder f0."""
     if not isinstance(model.visual, clip.model.VisionTransformer):
-        raise evaluate.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
-                                  f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
+        raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
+                                 f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    return SimpleNamespace(text=evaluate.text_head(model, train_set).to(run.device), f0=f0)
+    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
 
 
-def targets(x, y, m, args):
-    """The hard labels, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
+def training_targets(x, y, m, args):
+    """The hard labels y, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
     return y, attention(m.f0(x, all_tokens=True), y, x, m)
 
 
 def attention(tokens, y, x, m):
-    """A(x, t_y) (Eq. 6) from one forward's tokens, with each sample's ground-truth class text only, at x's size."""
+    """A(x, t_y) (Eq. 6), [B, H, W] in [0, 1], from one forward's tokens and each sample's ground-truth class text t_y
+    only (a row of T), computed by clip.text_guided_attention:
+      tokens: every output token of the ViT after ln_post and the projection, [B, 1+P, D];
+      1. each feature channel is divided by its L2 norm over the token axis (dim 1, the CLS token included; the
+         official code's normalisation, not a per-token cosine);
+      2. the P patch tokens are kept and each scored by its dot product with t_y;
+      3. the P scores are min-max normalised per image;
+      4. reshaped row-major to sqrt(P) x sqrt(P), the patch grid;
+      5. upsampled bilinearly (align_corners=False) to x's H x W.
+    Two maps are compared by clip.map_distance: the unsquared L2 norm of their difference over the flattened H*W map,
+    per sample, averaged over the batch."""
     return clip.text_guided_attention(tokens, m.text[y], x.shape[-2:])
 
 
-def train_attack(f, x, y, m, args):
-    """PGD on the CE term only (SPEC 1.5): L-inf, random start, sign steps, input gradient only."""
-    y, _ = y
+def train_attack(f, x, targets, m, args):
+    """PGD on the CE term only: L-inf, random start, sign steps, input gradient only."""
+    y, _ = targets
     # the official attack also leaks its CE gradients into the parameters' .grad; ours takes input gradients only
     return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
-def loss_fn(f, x, x_adv, y, m, args):
+def loss_fn(f, x, x_adv, targets, m, args):
     """TGA-ZSR's loss (Eq. 15): CE (Eq. 1) + alpha * refinement (Eq. 9-10) + beta * constraint (Eq. 12-13).
 
-    With targets' f0(x): 3 forward passes (f0 no grad) and 2 backward per step, as the AGFT paper's Table 10 counts."""
-    y, a0 = y
+    With training_targets' f0(x): 3 forward passes (f0 no grad) and 2 backward per step, as the AGFT paper's
+    Table 10 counts."""
+    y, a0 = targets
     tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
     ce = F.cross_entropy(clip.cosine_logits(tokens[:, 0], m.text, SCALE), y)
     refine = clip.map_distance(attention(tokens, y, x, m), a0)
@@ -80,14 +107,14 @@ def loss_fn(f, x, x_adv, y, m, args):
 
 
 def get_args(argv=None):
-    p = evaluate.training_parser(__doc__)
+    p = harness.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "tga_zsr", PAPER, TOY)
+    return harness.parse_args(p, argv, "tga_zsr", PAPER, TOY)
 
 
 def main(argv=None):
     args = get_args(argv)
-    run = evaluate.setup(args)
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -96,41 +123,44 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)  # SPEC 1.6
+    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
-    ckpt = evaluate.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume()  # 0 for a new run
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler)
+    step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
     f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = evaluate.TrainLog(args, run, train_set, total, step, encoder)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
-        sampler.set_position(step)
+        sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
-            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: a resumed run replays the same attacks
-            lr = evaluate.set_lr(opt, step, total, args)
+            torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
+            lr = harness.set_lr(opt, step, total, args)
             x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+
+            # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                y = targets(x, y, m, args)
+                targets = training_targets(x, y, m, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, y, m, args)
+                x_adv = train_attack(f, x, targets, m, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, y, m, args)
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, naming the step and the terms
+                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
+            scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
+            scaler.step(opt)  # 5
             scaler.update()
+
             step += 1
             log.step(step, loss, terms, lr)
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step)
+                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)
+    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -1,0 +1,536 @@
+"""The training harness of the six scripts: flags, their defaults and ranges, the run and its output folder, the
+learning-rate schedule, progress lines and curves, checkpoints, and the evaluation at the end of training.
+
+A script holds its method and its paper's setting (PAPER, at its top); everything here is the plumbing around them:
+
+    p = harness.training_parser(__doc__)                  # the flags every script shares
+    add_method_args(p)                                    # the method's own
+    args = harness.parse_args(p, argv, "agft", PAPER, TOY)  # defaults: PAPER, or the toy world's preset with --toy
+    run = harness.setup(args)                             # processes, device, precision; the output folder, locked
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler); step = ckpt.resume(total)
+    log = harness.TrainLog(...); log.check_finite(...); log.step(...); ckpt.save(step, log); log.close()
+    harness.final_evaluation(encoder, args, run)          # PGD-20 before and after, results.json
+
+Evaluation itself (zero-shot heads, attacks, tables, checkpoint formats) is evaluate.py's; this module uses it.
+"""
+import argparse
+import atexit
+import hashlib
+import json
+import math
+import os
+import socket
+import time
+
+import torch
+
+import clip
+import data
+import evaluate
+from evaluate import UsageError, cli, fmt_eps  # noqa: F401  (the scripts use harness.cli and harness.UsageError)
+
+# ----------------------------------------------------------------------------- flags: defaults and ranges
+
+# The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
+# The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
+TOY_WORLD = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
+                 epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
+                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50)
+# Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
+RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
+            "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "save_attention"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (eps-like values as k/255) and, for numbers, the range it must be in."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        rule = getattr(action.type, "rule", None)
+        if rule and "must be" not in text:
+            text += f"; must be {rule}"
+        if action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        value = action.default
+        if action.type is evaluate.parse_eps and isinstance(value, float):
+            value = fmt_eps(value)
+        elif isinstance(value, bool) or action.nargs == 0:
+            value = "on" if value else "off"
+        elif value is None:
+            value = "none"
+        return f"{text} (default: {str(value).replace('%', '%%')})"
+
+
+def training_parser(doc):
+    """The flags every training script shares, each with its range; their defaults come in parse_args."""
+    p = evaluate.Parser(doc, formatter_class=HelpFormatter)
+    add = p.add_argument
+    add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU "
+                                           "(--toy --help shows its values); a flag given beside it wins")
+    add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
+    add("--train-set", help="imagenet | tinyimagenet | cifar10 | cifar100 | imagefolder | toy")
+    add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
+    add("--eval-sets", help="comma-separated zero-shot evaluation sets for the evaluation at the end")
+    add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
+    add("--epochs", type=evaluate.positive_int, help="passes over the training set")
+    add("--max-steps", type=evaluate.positive_int, help="stop after this many steps instead (overrides --epochs)")
+    add("--batch-size", type=evaluate.positive_int, help="global batch size (split across processes under torchrun; "
+                                                         "must divide by their number)")
+    add("--lr", type=evaluate.positive, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
+    add("--warmup-steps", type=evaluate.count, help="linear warm-up steps, then cosine decay to 0 at the last step")
+    add("--eps", type=evaluate.parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
+    add("--step-size", type=evaluate.parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
+                                                     "--eps (step = eps, as every paper trains; eps/2 under --toy)")
+    add("--attack-steps", type=evaluate.count, help="training attack (PGD) steps")
+    add("--out-dir", help="the folder of this run: checkpoint, log, arguments, curves, results (one run per folder)")
+    add("--save-every", type=evaluate.positive_int, default=1000, help="checkpoint every N steps (and at the end)")
+    add("--log-every", type=evaluate.positive_int, default=10, help="a progress line every N steps")
+    add("--eval-every", type=evaluate.count, help="every N steps, zero-shot clean accuracy on 100 fixed images of each "
+                                                  "eval set, for curve.png (0: off)")
+    add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    add("--allow-changed-flags", action="store_true", help="with --resume, continue although flags that change "
+                                                           "training differ from the stored run's")
+    add("--workers", type=evaluate.count, help="data-loading processes")
+    add("--device", type=evaluate.parse_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    add("--compile", action="store_true", help="torch.compile the image encoder")
+    add("--seed", type=evaluate.count, default=0, help="seed of the data order and the attacks' random starts")
+    return p
+
+
+def parse_args(p, argv, method, paper, toy):
+    """The flags of `p`, their defaults the paper's setting `paper` (with --toy: the toy world's preset and the
+    script's `toy`); a flag given on the command line always wins over either. Rules between flags are checked here,
+    each failure one line. `--help` prints the defaults that apply (`--toy --help`: the toy preset's)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--toy", action="store_true")
+    toy_run = pre.parse_known_args(argv)[0].toy
+    preset = {**paper, **TOY_WORLD, **toy} if toy_run else dict(paper, eval_sets=",".join(data.ZERO_SHOT_SETS),
+                                                                eval_baseline=False, eval_every=0, workers=8)
+    preset["out_dir"] = os.path.join("runs", method + ("-toy" if toy_run else ""))
+    actions = [a for a in p._actions if a.default is not argparse.SUPPRESS]  # all but --help
+    p.set_defaults(**{k: v for k, v in preset.items() if k in {a.dest for a in actions}})
+    unset = object()  # argparse leaves this in place of each flag not given
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{a.dest: unset for a in actions}))
+    given = {a.dest for a in actions if getattr(args, a.dest) is not unset}
+    for a in actions:
+        if a.dest not in given:
+            setattr(args, a.dest, a.default)
+    if "epochs" in given and "max_steps" not in given:
+        args.max_steps = None  # an explicit --epochs wins over a preset's --max-steps
+    if "step_size" not in given and "eps" in given:  # step = eps (the papers); eps/2 under --toy
+        args.step_size = args.eps * preset["step_size"] / preset["eps"] if preset["eps"] else args.eps
+    args.method = method
+    if args.attack_steps and args.eps and not args.step_size:
+        p.error(f"--step-size is 0 with --attack-steps {args.attack_steps}: the attack would not move; give a step "
+                "> 0, or --attack-steps 0 for no attack")
+    if args.step_size > args.eps > 0:
+        p.error(f"step size {fmt_eps(args.step_size)} is larger than eps {fmt_eps(args.eps)}: every step would be "
+                "cut back by the projection; use a step size <= eps")
+    if not args.out_dir:
+        p.error("--out-dir is empty: name the folder this run writes into")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        p.error(f"--out-dir {args.out_dir} is a file, not a folder: choose another --out-dir")
+    if args.allow_changed_flags and not args.resume:
+        p.error("--allow-changed-flags only applies with --resume")
+    return args
+
+
+# ----------------------------------------------------------------------------- the run and its output folder
+
+
+def setup(args):
+    """Processes, device, precision and seed (evaluate.setup), and the output folder, which holds one run: nothing
+    is written to it before the run is accepted (a checkpoint there needs --resume; --resume refuses changed flags
+    without --allow-changed-flags), then a lock keeps a second run out and args.json is written."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must divide by the {world} "
+                         "processes (each takes an equal share)")
+    accept(args)
+    run = evaluate.setup(args, save_args=False)
+    if run.main:
+        lock_folder(args.out_dir)
+        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return run
+
+
+def accept(args):
+    """Refuse (one line, nothing written) a run that would overwrite another, or resume one with other flags."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not args.resume:
+        if os.path.exists(path):
+            raise UsageError(f"{path} exists: pass --resume to continue that run, or choose another --out-dir")
+        return
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args", {})
+    except Exception as e:
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); start without --resume "
+                         "in another --out-dir") from None
+    if stored.get("method", args.method) != args.method:
+        raise UsageError(f"--resume: {path} was written by {stored['method']}, not {args.method}")
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (stored: {stored[k]})" for k in vars(args)
+               if k in stored and k not in RUN_ONLY and stored[k] != getattr(args, k)]
+    if changed and not args.allow_changed_flags:
+        raise UsageError(f"--resume: flags differ from the run stored in {args.out_dir}: {', '.join(changed)}; pass "
+                         "them as stored, or add --allow-changed-flags to continue with the new values")
+
+
+def lock_folder(out_dir):
+    """out_dir/lock holds 'pid host' of the run writing there: a second run is refused while that process lives; a
+    lock whose process has died (or that this process left) is replaced. Removed when the run ends."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
+    path, me = os.path.join(out_dir, "lock"), f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                owner = f.read().split()
+            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (None, None)
+            if host and host != socket.gethostname():
+                raise UsageError(f"{out_dir} is locked by a run on {host} (pid {pid}): wait for it, choose another "
+                                 f"--out-dir, or delete {path} if that run has ended") from None
+            if pid and pid != os.getpid() and alive(pid):
+                raise UsageError(f"another run (pid {pid}) is writing to {out_dir}: wait for it to end, or choose "
+                                 "another --out-dir") from None
+            os.remove(path)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    atexit.register(unlock_folder, out_dir)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def unlock_folder(out_dir):
+    path = os.path.join(out_dir, "lock")
+    try:
+        with open(path) as f:
+            if f.read().split()[:1] == [str(os.getpid())]:
+                os.remove(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- learning rate, progress, curves
+
+
+def lr_at(step, total, warmup, lr):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def set_lr(opt, step, total, args):
+    lr = lr_at(step, total, args.warmup_steps, args.lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def fmt_terms(terms):
+    return " ".join(f"{k} {float(v):.4f}" for k, v in terms.items())
+
+
+PROBE_N = 100  # images per evaluation set in TrainLog's held-out accuracy curve
+
+
+class TrainLog:
+    """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the curves.
+
+    With --eval-every N, rank 0 also measures zero-shot clean accuracy on a fixed subset of PROBE_N images of each
+    evaluation set at the start and every N steps (encoder in eval mode, no grad). close() writes curve.json and
+    curve.png (loss, and that accuracy, over steps)."""
+
+    def __init__(self, args, run, train_set, total, step, encoder, resumed=None):
+        """resumed: the curves stored in the checkpoint a run resumes from, kept up to its step."""
+        self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
+        resumed = resumed or {}
+        self.history = [tuple(p) for p in resumed.get("step_loss", []) if p[0] <= step]
+        self.accuracy = [tuple(p) for p in resumed.get("clean_accuracy", []) if p[0] < step]
+        self.t0 = time.time()
+        run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
+                f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
+                f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
+        self.probe = self.probe_sets() if getattr(args, "eval_every", 0) and run.main else None
+        if self.probe:
+            self.measure(step)
+
+    def probe_sets(self):
+        """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
+        model = clip.load(self.args.model, device=self.run.device)
+        sets = evaluate.eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution,
+                                      PROBE_N)
+        return {name: (ds, evaluate.text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
+
+    @torch.no_grad()
+    def measure(self, step):
+        training = self.encoder.training
+        self.encoder.eval()
+        acc = {}
+        for name, (ds, text) in self.probe.items():
+            right = 0
+            for x, y in data.make_loader(ds, self.args.batch_size):
+                with self.run.autocast():
+                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device, ds.resize_to)), text, 1.0).argmax(-1)
+                right += (pred.cpu() == y).sum().item()
+            acc[name] = 100 * right / len(ds)
+        self.encoder.train(training)
+        self.accuracy.append((step, acc))
+        self.run.log(f"step {step}: held-out clean accuracy (%, {PROBE_N} images each) " +
+                     " ".join(f"{k} {v:.1f}" for k, v in acc.items()))
+
+    def check_finite(self, step, loss, terms):
+        """Stop (one line) on a NaN/inf loss in any process, before the update, so no weight is touched by it."""
+        if self.run.all_sum([float(torch.isfinite(loss.detach()))])[0] < self.run.world:
+            raise UsageError(f"loss is {loss.item()} at step {step} ({fmt_terms(terms)}); stopped before the update, "
+                             f"the last checkpoint in {self.args.out_dir} is kept; try a lower --lr")
+
+    def curves(self):
+        return {"step_loss": self.history, "eval_every": self.args.eval_every, "clean_accuracy": self.accuracy}
+
+    def step(self, step, loss, terms, lr):
+        loss = loss.item()  # no extra wait: check_finite has synchronised on the loss already
+        self.history.append((step, loss))
+        if self.probe and (step % self.args.eval_every == 0 or step == self.total):
+            self.measure(step)
+        if step % self.args.log_every and step != self.total:
+            return
+        rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
+        self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
+                     f"{rate:.1f} img/s | ETA {evaluate.fmt_time((self.total - step) * self.args.batch_size / rate)}")
+
+    def close(self):
+        if not (self.run.main and self.run.out_dir):
+            return
+        with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
+            json.dump(self.curves(), f)
+        names = list(self.accuracy[0][1]) if self.accuracy else []
+        acc = {n: [(s, a[n]) for s, a in self.accuracy] for n in names}
+        if len(names) > 1:
+            acc["mean"] = [(s, sum(a.values()) / len(a)) for s, a in self.accuracy]
+        panels = [(f"{self.args.method}: training loss", {"loss": self.history})]
+        if acc:
+            panels.append((f"held-out zero-shot clean accuracy (%), {PROBE_N} images each", acc))
+        path = os.path.join(self.run.out_dir, "curve.png")
+        plot_curves(path, panels)
+        self.run.log(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over the old one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class Checkpoint:
+    """--out-dir/ckpt.pt: image encoder, optimizer, loss scaler, step and curves, written atomically by rank 0."""
+
+    def __init__(self, args, run, model, opt, scaler):
+        self.path, self.args, self.run, self.model, self.opt, self.scaler = (
+            os.path.join(args.out_dir, "ckpt.pt"), args, run, model, opt, scaler)
+        self.curves = None
+
+    def resume(self, total):
+        """The step to start from: 0, or with --resume the checkpoint's (setup has accepted it), whose weights,
+        optimizer, loss scaler and curves are restored. A run with no step left to train is refused."""
+        if not self.args.resume:
+            return 0
+        ckpt = evaluate.load_visual(self.model, self.path, self.args.model)
+        if ckpt["step"] >= total:
+            raise UsageError(f"{self.path} is at step {ckpt['step']} and this run ends at step {total}: nothing to "
+                             "train (raise --max-steps or --epochs, with --allow-changed-flags)")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.curves = ckpt.get("curves")
+        self.run.log(f"resuming {self.path} at step {ckpt['step']}")
+        return ckpt["step"]
+
+    def save(self, step, log):
+        """Checkpoint after `step` steps, refusing (one line) weights that are not finite: the one kept is good."""
+        if not all(torch.isfinite(p).all() for p in self.model.visual.parameters()):
+            raise UsageError(f"the weights are not finite after step {step}; stopped, the last checkpoint in "
+                             f"{self.args.out_dir} is kept; try a lower --lr")
+        if self.run.main:
+            save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),
+                                        "scaler": self.scaler.state_dict(), "step": step, "model": self.args.model,
+                                        "method": self.args.method, "args": vars(self.args), "curves": log.curves()})
+
+
+# ----------------------------------------------------------------------------- the evaluation at the end of training
+
+
+def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
+    """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
+    version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    from clip.toy import toy_cache_path
+    weights = toy_cache_path() if args.model == "toy" else args.model
+    stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
+    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
+    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if os.path.isfile(path):
+        run.log(f"the pre-trained encoder's results: {path} (cached)")
+        with open(path) as f:
+            return json.load(f)
+    run.log("evaluating the pre-trained encoder")
+    results = evaluate.evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+    if run.main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f)
+        os.replace(path + ".tmp", path)
+    return results
+
+
+def final_evaluation(encoder, args, run):
+    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
+    model = clip.load(args.model, device=run.device)
+    step = args.eps / 4 if args.toy else 1 / 255
+    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
+    attack = evaluate.make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
+    attack0 = evaluate.make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
+    sets = evaluate.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
+    baseline = None
+    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
+    if args.eval_baseline:
+        baseline = baseline_results(f0, model, sets, attack, attack0, cfg, args, run)
+    run.log("evaluating the fine-tuned encoder")
+    results = evaluate.evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
+    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
+    out = evaluate.report(run, args.model, cfg, results, baseline, over=over)
+    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
+        save_attention(encoder, f0, model, attack, args, run)
+    unlock_folder(args.out_dir)  # the run is over
+    return out
+
+
+# ----------------------------------------------------------------------------- pictures of a training run: attention maps, curves
+
+
+# The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the
+# set's prompt (SAFT too, whose own maps average its K description heads instead), Comp-TGA's A_cls * (1 - A_non).
+ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)", None),
+             "comp_tga": ("Comp-TGA map", ("This is a photo of a {}", "This is not a photo of a {}"))}
+
+
+def attention_images(args, resolution, n):
+    """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
+    try:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution)
+    except data.DataError:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True)
+    return evaluate.eval_subset(ds, n)
+
+
+def save_attention(encoder, f0, model, attack, args, run):
+    """attention.png: for --save-attention N images, the method's text-guided attention map (clip/model.py) of the
+    pre-trained encoder f0 and the fine-tuned encoder, on the clean image and on the attack's image against that
+    encoder, overlaid on the image; the notes give each encoder's clean and adversarial prediction."""
+    title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
+    ds = attention_images(args, model.visual.input_resolution, args.save_attention)
+    x, y = next(iter(data.make_loader(ds, len(ds))))
+    x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
+    head = evaluate.text_head(model, ds).to(run.device)
+    if prompts:
+        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
+    columns, preds = [x], []
+    for f in (f0, encoder):
+        f.eval()
+        classifier = clip.ZeroShotClassifier(f, head)
+        with run.attack_autocast():
+            x_adv = attack(classifier, x, y)
+        for img in (x, x_adv):
+            with torch.no_grad(), run.autocast():
+                tokens = f(img, all_tokens=True)
+            if prompts:
+                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
+            else:
+                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
+            columns.append(torch.stack([evaluate.overlay(img[i], maps[i]) for i in range(len(y))]))
+            preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
+    c = ds.classnames
+    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", evaluate.GOOD if p[i] == y[i] else evaluate.BAD)
+             for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
+                                        ("fine-tuned", "adv")], preds)] for i in range(len(y))]
+    path = os.path.join(run.out_dir, "attention.png")
+    evaluate.save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
+              ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
+              f"{title}, true class")
+    run.log(f"wrote {path}")
+
+
+def nice_ticks(lo, hi, n=5, least=0.0):
+    raw = max((hi - lo) / n, least)
+    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
+    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+
+def plot_curves(path, panels, size=(440, 280)):
+    """One PNG of line plots side by side; panels: [(title, {series name: [(x, y), ...]})]."""
+    from PIL import Image, ImageDraw
+    pw, ph = size
+    img = Image.new("RGB", (pw * len(panels), ph), "white")
+    draw = ImageDraw.Draw(img)
+    for p, (title, series) in enumerate(panels):
+        legend = 110 if len(series) > 1 else 0
+        x0, y0, x1, y1 = p * pw + 50, 22, (p + 1) * pw - 14 - legend, ph - 30
+        draw.text((x0, 5), title, fill="black")
+        pts = [pt for s in series.values() for pt in s]
+        if not pts:
+            draw.text((x0, y0 + 20), "not measured", fill="black")
+            continue
+        xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
+        ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
+        xhi, (ylo, yhi) = max(xhi, xlo + 1), (ylo - 0.5, yhi + 0.5) if yhi - ylo < 1e-6 else (ylo, yhi)
+        pad = 0.05 * (yhi - ylo)
+        ylo, yhi = ylo - pad, yhi + pad
+        X = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
+        Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
+        for t in nice_ticks(ylo, yhi):
+            draw.line([(x0, Y(t)), (x1, Y(t))], fill="#e8e8e8")
+            draw.text((p * pw + 4, Y(t) - 6), f"{t:.4g}", fill="black")
+        for t in nice_ticks(xlo, xhi, least=1):  # steps: whole numbers
+            draw.line([(X(t), y1), (X(t), y1 + 3)], fill="black")
+            draw.text((X(t) - 8, y1 + 5), f"{t:.4g}", fill="black")
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text(((x0 + x1) // 2 - 10, ph - 13), "step", fill="black")
+        for k, (name, s) in enumerate(series.items()):
+            colour = "black" if name == "mean" else evaluate.PALETTE[k % len(evaluate.PALETTE)]
+            line = [(X(x), Y(y)) for x, y in s]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
+            for px, py in line if len(line) <= 40 else []:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+            if legend:
+                ly = y0 + 4 + evaluate.LINE * k
+                draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
+                draw.text((x1 + 26, ly), name[:16], fill="black")
+    img.save(path, optimize=True)
