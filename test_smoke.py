@@ -31,6 +31,7 @@ import clip.loader
 import comp_tga
 import data
 import evaluate
+import harness
 import pmg_aft
 import saft
 import tecoa
@@ -128,7 +129,7 @@ def test_parse_eps():
 
 
 def test_lr_schedule():
-    lrs = [evaluate.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    lrs = [harness.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] < 1e-3 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
@@ -174,15 +175,15 @@ def check_resume_matches_uninterrupted_run(main, tiny_ckpt, tiny_folder, tmp_pat
 
     class Stop(Exception):
         pass
-    save = evaluate.save_checkpoint
+    save = harness.save_checkpoint
 
     def save_then_die(path, obj):
         save(path, obj)
         raise Stop
-    monkeypatch.setattr(evaluate, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(harness, "save_checkpoint", save_then_die)
     with pytest.raises(Stop):
         main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four))
-    monkeypatch.setattr(evaluate, "save_checkpoint", save)
+    monkeypatch.setattr(harness, "save_checkpoint", save)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
     main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "b", *four, "--resume"))
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["visual"]
@@ -196,14 +197,14 @@ def test_resume_matches_uninterrupted_run(tiny_ckpt, tiny_folder, tmp_path, monk
 
 def test_interrupted_checkpoint_write_keeps_the_old_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    evaluate.save_checkpoint(path, {"step": 1})
+    harness.save_checkpoint(path, {"step": 1})
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        evaluate.save_checkpoint(path, {"step": 2})
+        harness.save_checkpoint(path, {"step": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -232,12 +233,12 @@ def test_ddp_two_processes_end_identical(tiny_ckpt, tiny_folder, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""import os, sys, torch
 sys.path.insert(0, {ROOT!r})
-import evaluate, tecoa
-final = evaluate.final_evaluation
+import harness, tecoa
+final = harness.final_evaluation
 def save_weights_then_evaluate(encoder, args, run):  # every rank writes its own weights
     torch.save(encoder.visual.state_dict(), os.path.join(args.out_dir, f"weights_rank{{run.rank}}.pt"))
     return final(encoder, args, run)
-evaluate.final_evaluation = save_weights_then_evaluate
+harness.final_evaluation = save_weights_then_evaluate
 tecoa.main(sys.argv[1:])
 """)
     out = tmp_path / "ddp"
@@ -1166,7 +1167,7 @@ def test_pmg_aft_loss_terms_direction_and_gradient():
 
 def test_pmg_aft_targets_are_the_labels():
     encoder, m, args, x, y = setup(pmg_aft)
-    assert pmg_aft.targets(x, y, m, args) is y
+    assert pmg_aft.training_targets(x, y, m, args) is y
 
 
 # ----------------------------------------------------------------------------- AGFT
@@ -1177,7 +1178,7 @@ def test_agft_target_is_tempered_softmax_of_the_frozen_model():
     with torch.no_grad():
         for p in encoder.parameters():  # the target must come from f0, not f
             p.add_(0.02 * torch.randn_like(p))
-        p = agft.targets(x, y, m, args)
+        p = agft.training_targets(x, y, m, args)
         ref = torch.softmax(0.4 * 180 * cos(m.f0, x, m.text), dim=1)
     assert p.shape == (6, 5) and torch.allclose(p.sum(1), torch.ones(6))
     assert torch.allclose(p, ref, atol=1e-6)
@@ -1187,7 +1188,7 @@ def test_agft_target_is_tempered_softmax_of_the_frozen_model():
 def test_agft_loss_is_soft_cross_entropy_at_inv_tau():
     encoder, m, args, x, y = setup(agft, "--gamma", "0.4", "--inv-tau", "180")
     with torch.no_grad():
-        p = agft.targets(x, y, m, args)
+        p = agft.training_targets(x, y, m, args)
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
     loss, terms = agft.loss_fn(encoder, x, x_adv, p, m, args)
     ref = -(p * torch.log_softmax(180 * cos(encoder, x_adv, m.text), dim=1)).sum(1).mean()
@@ -1195,7 +1196,7 @@ def test_agft_loss_is_soft_cross_entropy_at_inv_tau():
     # with gamma = 1, f = f0 and x_adv = x the target is the model's own prediction: the loss is its entropy
     args.gamma = 1.0
     with torch.no_grad():
-        p1 = agft.targets(x, y, m, args)
+        p1 = agft.training_targets(x, y, m, args)
     loss1, _ = agft.loss_fn(encoder, x, x, p1, m, args)
     assert torch.allclose(loss1, -(p1 * p1.log()).sum(1).mean(), atol=1e-5)
 
@@ -1204,7 +1205,7 @@ def test_agft_attack_raises_the_soft_loss_within_the_ball():
     encoder, m, args, x, y = setup(agft, "--gamma", "0.4", "--inv-tau", "180", "--eps", "8/255", "--step-size",
                                    "2/255", "--attack-steps", "3")
     with torch.no_grad():
-        p = agft.targets(x, y, m, args)
+        p = agft.training_targets(x, y, m, args)
     x_adv = agft.train_attack(encoder, x, p, m, args)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
@@ -1238,7 +1239,7 @@ def test_two_steps_then_evaluate(module, terms, tiny_ckpt, tiny_folder, tmp_path
 
 def test_agft_resume_keeps_f0_pretrained(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
     """A resumed run equals an uninterrupted one: f0 (the soft target's source) is copied before the resume."""
-    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
     check_resume_matches_uninterrupted_run(agft.main, tiny_ckpt, tiny_folder, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- section: TGA-ZSR, Comp-TGA and SAFT
@@ -1269,7 +1270,7 @@ def tga_case(module):
     _, enc, args, m = tga_setup(module)
     x, y = tga_batch()
     with torch.no_grad():
-        t = module.targets(x, y, m, args)
+        t = module.training_targets(x, y, m, args)
     return enc, args, m, x, y, t
 
 
@@ -1323,7 +1324,7 @@ def test_maps_have_input_size_lie_in_01_and_use_only_the_true_class(module):
             getattr(m, name)[2] = F.normalize(torch.randn(32), dim=0)
     assert torch.equal(module.attention(tokens, y, x, m), a)
     with torch.no_grad():
-        _, a0 = module.targets(x, y, m, args)
+        _, a0 = module.training_targets(x, y, m, args)
     assert torch.equal(a0, a)  # f0 = f: the target map is the same map
 
 
@@ -1401,7 +1402,7 @@ def test_saft_heads_hold_the_kth_ranked_description_of_every_class(tmp_path):
         assert m.chosen[c] == ranked and ranked[0] == name  # the bare name itself has cosine 1: rank 1
     for k in range(3):
         assert torch.equal(m.heads[k], clip.encode_text(model, [m.chosen[c][k] for c in range(3)]))
-    assert m.heads.shape == (3, 3, 32) and torch.allclose(m.text, m.heads.mean(0))
+    assert m.heads.shape == (3, 3, 32) and torch.allclose(m.attention_text, m.heads.mean(0))
 
 
 def test_saft_fallback_classes_are_matched_normalised_and_counted(tmp_path, capsys):
@@ -1426,7 +1427,7 @@ def test_saft_with_one_template_head_is_tga_zsr():
     assert torch.equal(m.heads[0], tm.text)
     x, y = tga_batch()
     with torch.no_grad():
-        t, tt = saft.targets(x, y, m, args), tga_zsr.targets(x, y, tm, targs)
+        t, tt = saft.training_targets(x, y, m, args), tga_zsr.training_targets(x, y, tm, targs)
     nudge(enc)
     x_adv = (x + 2 / 255).clamp(0, 1)
     assert torch.allclose(saft.loss_fn(enc, x, x_adv, t, m, args)[0], tga_zsr.loss_fn(enc, x, x_adv, tt, tm, targs)[0])
@@ -1435,8 +1436,8 @@ def test_saft_with_one_template_head_is_tga_zsr():
 def test_saft_toy_world_uses_its_own_descriptions(tmp_path):
     toy = data.TOY_TASKS[data.TOY_TRAIN][1]
     _, _, args, m = tga_setup(saft, "--out-dir", str(tmp_path), classes=toy, train_set=data.TOY_TRAIN)
-    assert args.descriptions == str(tmp_path / "descriptions.json")
-    assert json.load(open(args.descriptions)) == data.toy_descriptions()
+    assert args.descriptions is None  # the flag keeps its value; a copy of what was used lies beside the run
+    assert json.load(open(tmp_path / "descriptions.json")) == data.toy_descriptions()
     assert all(set(c) <= set(data.toy_descriptions()[n]) for c, n in zip(m.chosen, toy))
 
 
