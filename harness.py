@@ -165,11 +165,8 @@ def accept(args):
         return
     if not os.path.isfile(path):
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("args", {})
-    except Exception as e:
-        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); start without --resume "
-                         "in another --out-dir") from None
+    ckpt = peek(path)
+    stored = ckpt.get("args", {})
     if stored.get("method", args.method) != args.method:
         raise UsageError(f"--resume: {path} was written by {stored['method']}, not {args.method}")
     changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (stored: {stored[k]})" for k in vars(args)
@@ -177,6 +174,18 @@ def accept(args):
     if changed and not args.allow_changed_flags:
         raise UsageError(f"--resume: flags differ from the run stored in {args.out_dir}: {', '.join(changed)}; pass "
                          "them as stored, or add --allow-changed-flags to continue with the new values")
+    if not changed and ckpt.get("step", 0) >= ckpt.get("total", math.inf):
+        raise UsageError(f"--resume: the run in {args.out_dir} is finished (step {ckpt['step']} of {ckpt['total']}): "
+                         "nothing to train; raise --max-steps or --epochs, with --allow-changed-flags")
+
+
+def peek(path):
+    """The checkpoint at `path`, memory-mapped: its step and flags are read without reading the weights."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UsageError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}); start without --resume "
+                         "in another --out-dir") from None
 
 
 def lock_folder(out_dir):
@@ -363,10 +372,11 @@ class Checkpoint:
         optimizer, loss scaler and curves are restored. A run with no step left to train is refused."""
         if not self.args.resume:
             return 0
+        at = peek(self.path)["step"]
+        if at >= total:
+            raise UsageError(f"{self.path} is at step {at} and this run ends at step {total}: nothing to train; raise "
+                             "--max-steps or --epochs")
         ckpt = evaluate.load_visual(self.model, self.path, self.args.model)
-        if ckpt["step"] >= total:
-            raise UsageError(f"{self.path} is at step {ckpt['step']} and this run ends at step {total}: nothing to "
-                             "train (raise --max-steps or --epochs, with --allow-changed-flags)")
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.curves = ckpt.get("curves")
@@ -380,8 +390,9 @@ class Checkpoint:
                              f"{self.args.out_dir} is kept; try a lower --lr")
         if self.run.main:
             save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),
-                                        "scaler": self.scaler.state_dict(), "step": step, "model": self.args.model,
-                                        "method": self.args.method, "args": vars(self.args), "curves": log.curves()})
+                                        "scaler": self.scaler.state_dict(), "step": step, "total": log.total,
+                                        "model": self.args.model, "method": self.args.method, "args": vars(self.args),
+                                        "curves": log.curves()})
 
 
 # ----------------------------------------------------------------------------- the evaluation at the end of training

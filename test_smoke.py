@@ -189,6 +189,8 @@ def check_resume_matches_uninterrupted_run(main, tiny_ckpt, tiny_folder, tmp_pat
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["visual"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["visual"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    curve_a, curve_b = (json.load(open(tmp_path / r / "curve.json"))["step_loss"] for r in "ab")
+    assert [s for s, _ in curve_b] == [1, 2, 3, 4] and curve_a == curve_b  # the loss curve survives the resume
 
 
 def test_resume_matches_uninterrupted_run(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
@@ -325,6 +327,138 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_fo
                                                          "--save-every", "1"))
     assert "nan at step 2" in err.lower() and "ce" in err
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+SCRIPTS = [tecoa, pmg_aft, tga_zsr, comp_tga, saft, agft]
+# values outside each documented range (evaluate.ranged's rules; eps-like flags: in [0, 1]); every flag also gets
+# NaN and a negative number
+OUT_OF_RANGE = {">= 1": ["0"], ">= 0": ["-1"], "> 0 and finite": ["0", "inf"], ">= 0 and finite": ["inf"],
+                "in (0, 1]": ["0", "1.5"], "eps": ["2", "1/0"]}
+
+
+def script_parser(module):
+    p = harness.training_parser(module.__doc__)
+    module.add_method_args(p)
+    return p
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_every_numeric_flag_refuses_out_of_range_nan_and_negative(module, capsys):
+    numeric = 0
+    for action in script_parser(module)._actions:
+        if action.type is None or action.type is evaluate.parse_device:
+            continue
+        assert action.type not in (int, float), f"{action.option_strings[0]} has no documented range"
+        rule = "eps" if action.type is evaluate.parse_eps else action.type.rule
+        for value in OUT_OF_RANGE[rule] + ["nan", "-3"]:
+            err = one_line_error(capsys, module.get_args, [f"{action.option_strings[0]}={value}"])
+            assert action.option_strings[0] in err, (value, err)
+        numeric += 1
+    assert numeric >= 12
+
+
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_prints_a_default_for_every_flag(module):
+    p = module.get_args.__globals__["harness"].training_parser(module.__doc__)
+    module.add_method_args(p)
+    for toy in ([], ["--toy"]):
+        harness.parse_args(p, toy, module.__name__, module.PAPER, module.TOY)
+        formatter = p._get_formatter()
+        for action in p._actions[1:]:  # all but --help
+            assert "(default: " in formatter._get_help_string(action), (toy, action.option_strings)
+    out = subprocess.run([sys.executable, f"{module.__name__}.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True).stdout if module is agft else ""
+    assert module is not agft or ("(default: 0.4)" in out and "(default: 180.0)" in out and "(default: 1/255)" in out)
+
+
+def test_explicit_flags_win_over_the_toy_preset_and_the_step_follows_eps():
+    a = tecoa.get_args(["--toy", "--epochs", "2"])
+    assert a.epochs == 2 and a.max_steps is None and a.lr == tecoa.TOY["lr"]
+    assert tecoa.get_args(["--toy"]).max_steps == tecoa.TOY["max_steps"]
+    assert tecoa.get_args(["--toy", "--lr", "0.5"]).lr == 0.5
+    assert tecoa.get_args(["--eps", "4/255"]).step_size == pytest.approx(4 / 255)  # the papers' step = eps
+    assert tecoa.get_args(["--toy", "--eps", "4/255"]).step_size == pytest.approx(2 / 255)  # the toy preset's eps/2
+    assert tecoa.get_args(["--eps", "4/255", "--step-size", "1/255"]).step_size == pytest.approx(1 / 255)
+    assert tecoa.get_args([]).step_size == 1 / 255 and tecoa.get_args(["--toy"]).step_size == data.TOY_EPS / 2
+
+
+def test_cross_flag_rules_and_the_output_folder_give_one_line(capsys, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, words in [(["--eps", "1/255", "--step-size", "0"], "would not move"),
+                        (["--out-dir", ""], "--out-dir is empty"), (["--out-dir", str(a_file)], "is a file"),
+                        (["--allow-changed-flags"], "only applies with --resume"), (["--device", "tpu"], "unknown device"),
+                        (["--gamma", "1.01"], "(0, 1]")]:
+        assert words in one_line_error(capsys, agft.get_args, argv), argv
+    assert agft.get_args(["--eps", "0", "--attack-steps", "2"]).step_size == 0  # no attack: clean fine-tuning
+
+
+def test_refused_runs_write_nothing_and_resume_names_changed_flags(capsys, tiny_ckpt, tiny_folder, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
+    run = tmp_path / "run"
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, run))
+    stored = (run / "args.json").read_bytes()
+    assert "exists: pass --resume" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run,
+                                                                                      "--lr", "0.5"))
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--resume", "--max-steps", "3",
+                                                        "--lr", "0.5"))
+    assert "--max-steps 3 (stored: 2)" in err and "--lr 0.5 (stored: 0.001)" in err and "--allow-changed-flags" in err
+    assert "is finished (step 2 of 2)" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run,
+                                                                                           "--resume"))
+    assert (run / "args.json").read_bytes() == stored  # no refused run touched the folder
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert "divide by the 3 processes" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder,
+                                                                                          tmp_path / "other"))
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not (tmp_path / "other").exists()
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, run, "--resume", "--max-steps", "3", "--allow-changed-flags"))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 3
+    assert json.load(open(run / "args.json"))["max_steps"] == 3
+
+
+def test_a_live_run_locks_its_folder_and_a_dead_ones_lock_is_replaced(capsys, tiny_ckpt, tiny_folder, tmp_path,
+                                                                     monkeypatch):
+    import socket
+    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "lock").write_text(f"{other.pid} {socket.gethostname()}")
+        err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run))
+        assert f"another run (pid {other.pid}) is writing to" in err
+        assert sorted(os.listdir(run)) == ["lock"]
+    finally:
+        other.kill()
+        other.wait()
+    (run / "lock").write_text(f"{other.pid} {socket.gethostname()}")  # its process has ended: a stale lock
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, run))
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_non_finite_weights_are_never_saved_nor_evaluated(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    step = torch.amp.GradScaler.step
+
+    def poison_after_step_3(self, opt, calls=[]):  # the loss stays finite, the update breaks the weights
+        calls.append(1)
+        out = step(self, opt)
+        if len(calls) == 3:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+    monkeypatch.setattr(torch.amp.GradScaler, "step", poison_after_step_3)
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--max-steps", "4",
+                                                         "--save-every", "1"))
+    assert "weights are not finite after step 3" in err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+    broken = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    broken["visual"]["conv1.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(broken, tmp_path / "broken.pt")
+    err = one_line_error(capsys, evaluate.main, ["--model", tiny_ckpt, "--checkpoint", str(tmp_path / "broken.pt"),
+                                                 "--datasets", "imagefolder", "--data-root", tiny_folder, "--device",
+                                                 "cpu", "--out-dir", str(tmp_path / "eval")])
+    assert "non-finite" in err and "conv1.weight" in err
 
 
 # ----------------------------------------------------------------------------- evaluation sanity checks
