@@ -108,7 +108,7 @@ def main(argv=None):
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
     step = ckpt.resume(total)  # 0 for a new run
     f = torch.compile(encoder) if args.compile else encoder
-    f_train = run.ddp(f)  # the loss goes through DDP under torchrun; the attack uses f directly
+    f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
     log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it

@@ -30,7 +30,7 @@ def prompts(dataset):
 
 
 def image_transform(resolution):
-    """Resize the shorter side (bicubic), centre-crop to the model resolution, to a [0,1] tensor (SPEC 1.6)."""
+    """Resize the shorter side (bicubic), centre-crop to the model resolution, to a [0,1] tensor; no augmentation."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
                       T.Lambda(_rgb), T.ToTensor()])
@@ -89,8 +89,8 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin=False):
 # --- the real datasets ---
 # Each set lives in a fixed folder under --data-root, in the layout torchvision's class for it expects (or the layout
 # of the official archive where torchvision has no class), and is read from there as it is: nothing is moved or
-# rewritten. Split, prompt template and class names follow the AGFT paper's code (notes/spec_eval.md 1.1 and 1.3);
-# where TeCoA / PMG-AFT / TGA-ZSR / SAFT differ, a comment says how. Preprocessing (SPEC 1.2): CIFAR-10/100 and
+# rewritten. Split, prompt template and class names follow the AGFT paper's code;
+# where TeCoA / PMG-AFT / TGA-ZSR / SAFT differ, a comment says how. Preprocessing: CIFAR-10/100 and
 # STL-10 stay at their native 32 / 96 px (the model upsamples after the attack) unless resize_small
 # (evaluate.py --resize-before-attack); every other set is resized (shorter side) and centre-cropped to the model
 # resolution before the attack. Small square images (CIFAR, STL, TinyImageNet's 64 px) leave the loader as uint8

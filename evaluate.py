@@ -76,10 +76,10 @@ def parse_eps(text):
     try:
         num, _, den = text.partition("/")
         value = float(num) / float(den or 1)
+        if value != value:  # NaN
+            raise ValueError
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
-    if value != value:  # NaN
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' is negative")
     if value > 1:
@@ -160,13 +160,6 @@ class Run:
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 print(msg, file=f)
 
-    def ddp(self, module):
-        """The module wrapped for data parallelism under torchrun (gradients all-reduced in backward)."""
-        if self.world == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
     def all_sum(self, values):
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.world > 1:
@@ -185,6 +178,8 @@ def setup(args, save_args=True):
     if args.device.startswith("cuda") and world > 1:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(args.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":

@@ -216,6 +216,14 @@ def lock_folder(out_dir):
     atexit.register(unlock_folder, out_dir)
 
 
+def ddp(module, run):
+    """The module wrapped for data parallelism under torchrun (gradients all-reduced in backward)."""
+    if run.world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
