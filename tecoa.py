@@ -77,8 +77,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
