@@ -609,35 +609,74 @@ def toy_render(a, g, res=TOY_RES):
     return (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8}
+TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8, "negation": 0.3}
+TOY_GROUPED = 0.5  # share of a pre-training batch drawn as minimal sets (images that differ in one attribute only)
+TOY_VARIED = {"shape": 4, "position": 2, "colour": 1, "size": 1, "count": 1, "background": 1}  # weights of the varied one
+TOY_PREFIXES = ["a photo of", "an image of", "a picture of", "this is a photo of"]
 
 
-def _toy_caption(a, i, rng, p=TOY_CAPTION_P):
+def toy_minimal_sets(n, g, grouped=TOY_GROUPED, varied=TOY_VARIED):
+    """n attribute draws of which a share `grouped` comes in minimal sets: up to 4 images that agree in every
+    attribute but one, each with a different value of it. Contrastive pre-training on random batches can match
+    most captions from colour, count, size and position alone; a minimal set can only be told apart by its varied
+    attribute, which is how the tiny ViT learns shape within minutes. Returns (attributes, must), where must[i]
+    names the attribute image i's caption has to mention (None outside the sets)."""
+    a = toy_attributes(n, g)
+    must, names, w = [None] * n, list(varied), torch.tensor([float(v) for v in varied.values()])
+    i, end = 0, int(grouped * n)
+    while i < end:
+        attr = names[int(torch.multinomial(w, 1, generator=g))]
+        k = min(4, len(TOY_ATTRS[attr]), end - i)
+        if k < 2:
+            break
+        values = torch.randperm(len(TOY_ATTRS[attr]), generator=g)[:k]
+        for key in a:
+            a[key][i:i + k] = a[key][i]
+        a[attr][i:i + k] = values
+        must[i:i + k] = [attr] * k
+        i += k
+    return a, must
+
+
+def _plural(noun):
+    return noun + ("es" if noun == "cross" else "s")
+
+
+def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
     """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
-    (the noun is replaced by "object" with p["object"]), so the text tower also learns partial descriptions."""
-    m, shape = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]]
-    words = [rng.choice(["a photo of", "an image of", "a picture of"])]
-    adj = [w for w, q in ((TOY_SIZES[a["size"][i]], p["size"]), (list(TOY_COLOURS)[a["colour"][i]], p["colour"]))
-           if rng.random() < q]
-    noun = "object" if rng.random() < p["object"] else shape
+    (the noun is replaced by "object" with p["object"]), and always if it is `must`, so the text tower also learns
+    partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue square"),
+    naming a colour-shape pair the image is not: the non-class prompts of Comp-TGA are in the language it learns."""
+    q = {k: (1.0 if k == must else v) for k, v in p.items()}
+    if must == "shape":
+        q["object"] = 0.0
+    colours = list(TOY_COLOURS)
+    m, shape, colour = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]], colours[a["colour"][i]]
+    words = [rng.choice(TOY_PREFIXES)]
+    adj = [w for w, k in ((TOY_SIZES[a["size"][i]], "size"), (colour, "colour")) if rng.random() < q[k]]
+    noun = "object" if rng.random() < q["object"] else shape
     if m == 1:
         words.append("one" if rng.random() < 0.3 else ("an" if (adj[0] if adj else noun)[0] in "aeiou" else "a"))
         words += adj + [noun]
     else:
-        words += [TOY_COUNTS[m - 1]] + adj + [noun + ("es" if noun == "cross" else "s")]
-    phrases = [w for w, q in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", p["position"]),
-                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", p["background"]))
-               if rng.random() < q]
+        words += [TOY_COUNTS[m - 1]] + adj + [_plural(noun)]
+    phrases = [w for w, k in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", "position"),
+                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", "background"))
+               if rng.random() < q[k]]
     rng.shuffle(phrases)
-    return " ".join(words + phrases) + ("." if rng.random() < 0.5 else "")
+    text = " ".join(words + phrases)
+    if rng.random() < q["negation"]:
+        wrong = rng.choice([(c, s) for c in colours for s in TOY_SHAPES if (c, s) != (colour, shape)])
+        return f"{text}. this is not a photo of a {wrong[0]} {wrong[1]}" + ("." if rng.random() < 0.5 else "")
+    return text + ("." if rng.random() < 0.5 else "")
 
 
-def toy_caption_batch(n, g):
+def toy_caption_batch(n, g, grouped=TOY_GROUPED):
     """n fresh images [n, 3, 32, 32] (float, [0,1]) and their captions, drawn with the torch generator g."""
     import random
-    a = toy_attributes(n, g)
+    a, must = toy_minimal_sets(n, g, grouped)
     rng = random.Random(int(torch.randint(2 ** 62, (), generator=g)))
-    return toy_render(a, g), [_toy_caption(a, i, rng) for i in range(n)]
+    return toy_render(a, g), [_toy_caption(a, i, rng, must[i]) for i in range(n)]
 
 
 class ToyDataset(torch.utils.data.TensorDataset):
@@ -663,35 +702,35 @@ def toy_dataset(task, n, seed, chunk=1024):
 
 
 def toy_descriptions():
-    """SAFT-style descriptions (class name -> list of short descriptions) for every class of every toy task.
+    """SAFT-style descriptions (class name -> list of descriptions) for every class of every toy task.
 
-    Some are phrased in the captions' own grammar, the rest in words the tiny CLIP never saw, the way an LLM's
-    descriptions mix useful and hallucinated ones (SAFT's filtering ranks them against the class name).
+    Six per class describe it in the captions' own language (counts, sizes, positions, the class named), so each
+    is informative; two are in words the tiny CLIP never saw, the way an LLM's descriptions mix useful and
+    hallucinated ones. SAFT's filtering ranks them by their similarity to the bare class name and keeps the top K.
     """
-    looks = {"circle": ["round", "a disc with a smooth curved edge"], "square": ["square", "a block with four equal sides"],
-             "triangle": ["triangular", "a shape with three corners pointing up"],
-             "cross": ["cross-shaped", "a plus sign with four arms"]}
+    looks = {"circle": "a round disc with a smooth curved edge", "square": "a block with four equal sides",
+             "triangle": "a wedge with three corners pointing up", "cross": "a plus sign with four arms"}
     desc = {}
     for name in TOY_TASKS[TOY_TRAIN][1]:
         colour, shape = name.split()
-        desc[name] = [f"a photo of one {name}.", f"an image of two {name}{'es' if shape == 'cross' else 's'}.",
+        desc[name] = [f"a photo of one {name}.", f"an image of two {colour} {_plural(shape)}.",
                       f"a picture of a small {name}.", f"a photo of a large {name}.",
-                      f"a {colour} {looks[shape][0]} object.", f"{looks[shape][1]}, coloured {colour}."]
+                      f"this is a photo of three {colour} {_plural(shape)}.", f"a {name} on a plain background.",
+                      f"{looks[shape]}, tinted {colour}.", f"a glossy {colour} sticker shaped like a {shape}."]
     extra = {
-        "small": ["a tiny object.", "a little shape that covers a small part of the picture.", "small objects."],
-        "large": ["a big object.", "a large shape that fills much of its half of the picture.", "large objects."],
-        "left": ["objects stacked in the left half.", "shapes placed on the left.", "left-hand objects."],
-        "right": ["objects stacked in the right half.", "shapes placed on the right.", "right-hand objects."],
-        "top": ["objects in a row along the top.", "shapes placed at the top.", "objects in the upper half."],
-        "bottom": ["objects in a row along the bottom.", "shapes placed at the bottom.", "objects in the lower half."],
-        **{c: [f"a {c} shape.", f"something coloured {c}.", f"{c} things on a grey background."] for c in TOY_COLOURS},
-        "one object": ["a single object.", "one shape alone.", "only one thing in the picture."],
-        "two objects": ["a pair of objects.", "two copies of the same shape.", "two identical things."],
-        "three objects": ["three objects in a line.", "three copies of the same shape.", "a group of three things."],
+        "small": ["a photo of one small object.", "a picture of three small objects.", "a tiny speck of a thing."],
+        "large": ["a photo of one large object.", "a picture of three large objects.", "a huge bulky thing."],
+        **{p: [f"a photo of one object on the {p} side.", f"a picture of three objects on the {p} side.",
+               f"things gathered toward the {p} edge."] for p in TOY_POSITIONS},
+        **{c: [f"a photo of one {c} object.", f"a picture of three {c} objects.", f"something painted {c}."]
+           for c in TOY_COLOURS},
+        "one object": ["a picture of one large object.", "this is a photo of one small object.", "a lonely single item."],
+        "two objects": ["a picture of two large objects.", "this is a photo of two small objects.", "a matching pair."],
+        "three objects": ["a picture of three large objects.", "this is a photo of three small objects.", "a trio in a row."],
     }
     for task in TOY_HELDOUT:
         attr, classnames, template = TOY_TASKS[task]
         for name in classnames:
-            desc[name] = [template.format(name), f"an image of {template.format(name)[len('a photo of '):]}",
-                          f"a picture of {template.format(name)[len('a photo of '):]}"] + extra[name]
+            tail = template.format(name)[len("a photo of "):]
+            desc[name] = [template.format(name), f"an image of {tail}", f"a picture of {tail}"] + extra[name]
     return desc
