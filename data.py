@@ -185,9 +185,11 @@ def refine(name):
     return name.lower().replace("_", " ").replace("-", " ").replace("/", " ").strip()
 
 
-def lower_spaces(name):
-    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): refine without the strip."""
-    return name.lower().replace("_", " ").replace("-", " ").replace("/", " ")
+def lower_spaces(name, slash=True):
+    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): refine without the strip; its dataset files
+    with prompts of their own leave '/' alone (slash=False)."""
+    name = name.lower().replace("_", " ").replace("-", " ")
+    return name.replace("/", " ") if slash else name
 
 
 def imagenet_classnames():
@@ -471,6 +473,10 @@ def _each(rule):
     return lambda ds: [rule(c) for c in ds.source_names]
 
 
+def _no_slash(name):
+    return lower_spaces(name, slash=False)
+
+
 # --- prompt conventions ---
 # One prompt per class, template.format(name): {convention: {set: (template, names)}}, where names(ds) maps the
 # loader's source names to the names in the prompts (relabelling the set where classes merge).
@@ -507,17 +513,17 @@ PROMPTS = {
         "caltech256": ("A photo of a {}.", _each(_caltech256_name)),
         "cifar10": (GENERIC, _each(lower_spaces)),
         "cifar100": (GENERIC, _each(lower_spaces)),
-        "dtd": ("A surface with a {} texture.", _each(lower_spaces)),
+        "dtd": ("A surface with a {} texture.", _each(_no_slash)),
         "eurosat": ("A centered satellite photo of {}.", lambda ds: list(EUROSAT_NAMES)),
         "fgvc_aircraft": ("A photo of a {}, a type of aircraft.",
                           _each(lambda c: _boeing(c).lower().replace("_", " "))),  # hyphens kept: "boeing 707-320"
         "flowers102": ("A photo of a {}, a type of flower.",
-                       _each(lambda c: lower_spaces(c.replace("'", "")))),  # "pink yellow dahlia?"
-        "food101": ("A photo of {}, a type of food.", _each(lower_spaces)),
+                       _each(lambda c: _no_slash(c.replace("'", "")))),  # "pink yellow dahlia?"
+        "food101": ("A photo of {}, a type of food.", _each(_no_slash)),
         "imagenet": (GENERIC, _each(lower_spaces)),
-        "oxford_pets": ("A photo of a {}, a type of pet.", _each(lower_spaces)),
+        "oxford_pets": ("A photo of a {}, a type of pet.", _each(_no_slash)),
         "pcam": ("{}", _pcam_names_tecoa),
-        "stanford_cars": ("A photo of a {}.", _each(lambda c: lower_spaces(c[:-5]))),  # "ram c/v cargo van minivan"
+        "stanford_cars": ("A photo of a {}.", _each(lambda c: _no_slash(c[:-5]))),  # "ram c/v cargo van minivan"
         "stl10": (GENERIC, _each(lower_spaces)),
         "sun397": (GENERIC, _each(lower_spaces)),
         "tinyimagenet": (GENERIC, _each(lower_spaces)),

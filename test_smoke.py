@@ -998,6 +998,172 @@ def test_country211_names_through_pycountry(tmp_path, monkeypatch):
     one_line_data_error("pycountry", load, "country211", tmp_path)
 
 
+# ----------------------------------------------------------------------------- prompt conventions
+
+AGFT_TO_TGA = {"agft": "agft", "tga": "tga", "saft": "tga"}  # SAFT's code writes the TGA-ZSR code's strings
+PINNED = {  # set: (class indices or None for all, {convention: the prompts of those classes})
+    "caltech101": (None, {"agft": ["A photo of a person.", "A photo of a leopards.", "A photo of a car side."],
+                          "tga": ["This is a photo of a faces", "This is a photo of a faces easy",
+                                  "This is a photo of a leopards", "This is a photo of a car side"]}),
+    "caltech256": (None, {c: ["A photo of a ak47.", "A photo of a motorbikes.", "A photo of a clutter."]
+                          for c in ("agft", "tga")}),
+    "cifar10": (None, {"agft": ["This is a photo of a airplane.", "This is a photo of a automobile.",
+                                "This is a photo of a bird."],
+                       "tga": ["This is a photo of a airplane", "This is a photo of a automobile",
+                               "This is a photo of a bird"]}),
+    "cifar100": ([1], {"agft": ["This is a photo of a aquarium fish."], "tga": ["This is a photo of a aquarium fish"]}),
+    "dtd": (None, {c: ["A surface with a banded texture.", "A surface with a zig zagged texture."]
+                   for c in ("agft", "tga")}),
+    "eurosat": ([0, 2, 9], {c: ["A centered satellite photo of annual crop land.",
+                                "A centered satellite photo of brushland or shrubland.",
+                                "A centered satellite photo of a sea or a lake."] for c in ("agft", "tga")}),
+    "fgvc_aircraft": (None, {"agft": ["A photo of a Boeing 707-320, a type of aircraft.",
+                                      "A photo of a A300B4, a type of aircraft.",
+                                      "A photo of a Cessna 172, a type of aircraft."],
+                             "tga": ["A photo of a boeing 707-320, a type of aircraft.",
+                                     "A photo of a a300b4, a type of aircraft.",
+                                     "A photo of a cessna 172, a type of aircraft."]}),
+    "flowers102": ([1, 11, 59, 87], {"agft": ["A photo of a hard leaved pocket orchid, a type of flower.",
+                                              "A photo of a colts foot, a type of flower.",
+                                              "A photo of a pink yellow dahlia, a type of flower.",
+                                              "A photo of a cyclamen , a type of flower."],
+                                     "tga": ["A photo of a hard leaved pocket orchid, a type of flower.",
+                                             "A photo of a colts foot, a type of flower.",
+                                             "A photo of a pink yellow dahlia?, a type of flower.",
+                                             "A photo of a cyclamen , a type of flower."]}),
+    "food101": (None, {c: ["A photo of apple pie, a type of food.", "A photo of baby back ribs, a type of food."]
+                       for c in ("agft", "tga")}),
+    "imagenet": ([0, 134, 212, 517], {"agft": ["This is a photo of a tench.", "This is a photo of a crane.",
+                                               "This is a photo of a English setter.", "This is a photo of a crane."],
+                                      "tga": ["This is a photo of a tench", "This is a photo of a crane",
+                                              "This is a photo of a english setter", "This is a photo of a crane"]}),
+    "oxford_pets": (None, {c: ["A photo of a abyssinian, a type of pet.", "A photo of a american bulldog, a type of pet."]
+                           for c in ("agft", "tga")}),
+    "pcam": (None, {"agft": ["This is a photo of healthy lymph node tissue.",
+                             "This is a photo of lymph node tumor tissue."],
+                    "tga": ["Tthis is a photo of healthy lymph node tissue.",  # sic, in their code
+                            "This is a photo of lymph node tumor tissue."]}),
+    "stanford_cars": (None, {"agft": ["A photo of a AM General Hummer SUV.", "A photo of a Acura TL Type S.",
+                                      "A photo of a Ram C/V Cargo Van Minivan."],
+                             "tga": ["A photo of a am general hummer suv.", "A photo of a acura tl type s.",
+                                     "A photo of a ram c/v cargo van minivan."]}),
+    "stl10": ([0, 7], {"agft": ["This is a photo of a airplane.", "This is a photo of a monkey."],
+                       "tga": ["This is a photo of a airplane", "This is a photo of a monkey"]}),
+    "sun397": (None, {"agft": ["This is a photo of a abbey.", "This is a photo of a apartment building outdoor."],
+                      "tga": ["This is a photo of a abbey", "This is a photo of a apartment building outdoor"]}),
+    "tinyimagenet": (None, {"agft": ["This is a photo of a goldfish.", "This is a photo of a Egyptian cat.",
+                                     "This is a photo of a reel."],
+                            "tga": ["This is a photo of a goldfish", "This is a photo of a egyptian cat",
+                                    "This is a photo of a reel"]}),
+    "country211": (None, {"agft": ["A photo I took in Andorra.", "A photo I took in Korea.", "A photo I took in Kosovo."],
+                          "tga": ["A photo I took in Andorra.", "A photo I took in Korea, Republic of.",
+                                  "A photo I took in Kosovo."]}),
+    "imagenet-r": (None, {"agft": ["This is a photo of a goldfish.", "This is a photo of a English setter."],
+                          "tga": ["This is a photo of a goldfish", "This is a photo of a english setter"]}),
+    "imagenet-sketch": (None, {"agft": ["This is a photo of a tench."], "tga": ["This is a photo of a tench"]}),
+}
+
+
+class FakePCAM(torch.utils.data.Dataset):
+    """torchvision's PCAM without h5py: two 96 px images, one per class."""
+
+    def __init__(self, root, transform=None, download=False, split="test"):
+        self.transform = transform
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return self.transform(Image.new("RGB", (96, 96), (90 * i, 80, 40))), i
+
+
+def write_eval_sets(root, monkeypatch):
+    """A tiny copy of every evaluation set, as the data tests above write them (PCAM and pycountry faked)."""
+    for c in ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "car_side"]:
+        write_image(str(root / "caltech101" / "101_ObjectCategories" / c / "image_0001.jpg"))
+    for c in ["001.ak47", "145.motorbikes-101", "257.clutter"]:
+        write_image(str(root / "caltech256" / "256_ObjectCategories" / c / f"{c[:3]}_0001.jpg"))
+    write_cifar(root)
+    write_cifar(root, hundred=True)
+    for c in ["banded", "zig-zagged"]:
+        write_image(str(root / "dtd" / "dtd" / "images" / c / f"{c}_0001.jpg"))
+    write_lines(str(root / "dtd" / "dtd" / "labels" / "test1.txt"), ["banded/banded_0001.jpg", "zig-zagged/zig-zagged_0001.jpg"])
+    for c in data.EUROSAT_FOLDERS:
+        write_image(str(root / "eurosat" / "2750" / c / f"{c}_1.jpg"))
+    base = root / "fgvc-aircraft-2013b" / "data"
+    write_lines(str(base / "variants.txt"), ["707-320", "A300B4", "Cessna 172"])
+    write_lines(str(base / "images_variant_test.txt"), ["0034309 707-320"])
+    write_image(str(base / "images" / "0034309.jpg"))
+    write_image(str(root / "flowers-102" / "jpg" / "image_00001.jpg"))
+    write_mat(str(root / "flowers-102" / "imagelabels.mat"), {"labels": [60]})
+    write_mat(str(root / "flowers-102" / "setid.mat"), {"trnid": [1], "valid": [1], "tstid": [1]})
+    os.makedirs(root / "food-101" / "meta")
+    with open(root / "food-101" / "meta" / "test.json", "w") as f:
+        json.dump({"apple_pie": ["apple_pie/1"], "baby_back_ribs": ["baby_back_ribs/2"]}, f)
+    for p in ["apple_pie/1", "baby_back_ribs/2"]:
+        write_image(str(root / "food-101" / "images" / f"{p}.jpg"))
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    write_image(str(root / "one.JPEG"))
+    for w in wnids:
+        os.makedirs(root / "imagenet" / "val" / w)
+        os.link(root / "one.JPEG", root / "imagenet" / "val" / w / "ILSVRC2012_val_1.JPEG")
+    for sub, w in [("imagenet-r", wnids[212]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+        write_image(str(root / sub / w / "a.jpg"))
+    write_lines(str(root / "oxford-iiit-pet" / "annotations" / "test.txt"), ["Abyssinian_1 1 1 1", "american_bulldog_10 2 2 1"])
+    os.makedirs(root / "oxford-iiit-pet" / "annotations" / "trimaps")
+    for i in ["Abyssinian_1", "american_bulldog_10"]:
+        write_image(str(root / "oxford-iiit-pet" / "images" / f"{i}.jpg"))
+    for xy in "xy":
+        write_lines(str(root / "pcam" / f"camelyonpatch_level_2_split_test_{xy}.h5"), ["faked"])
+    monkeypatch.setattr(torchvision.datasets, "PCAM", FakePCAM)
+    monkeypatch.setitem(sys.modules, "h5py", types.ModuleType("h5py"))
+    try:
+        import scipy.io as sio
+    except ImportError:
+        del PINNED["stanford_cars"]  # torchvision reads its .mat files with scipy
+    else:
+        names = ["AM General Hummer SUV 2000", "Acura TL Type-S 2008", "Ram C/V Cargo Van Minivan 2012"]
+        os.makedirs(root / "stanford_cars" / "devkit")
+        sio.savemat(str(root / "stanford_cars" / "devkit" / "cars_meta.mat"),
+                    {"class_names": np.array(names, dtype=object)[None]})
+        annos = np.array([("00001.jpg", 3), ("00002.jpg", 1)], dtype=[("fname", object), ("class", object)])
+        sio.savemat(str(root / "stanford_cars" / "cars_test_annos_withlabels.mat"), {"annotations": annos[None]})
+        for f in ("00001.jpg", "00002.jpg"):
+            write_image(str(root / "stanford_cars" / "cars_test" / f))
+    folder = root / "stl10_binary"
+    os.makedirs(folder)
+    np.zeros((1, 3, 96, 96), dtype=np.uint8).tofile(folder / "test_X.bin")
+    np.array([8], dtype=np.uint8).tofile(folder / "test_y.bin")
+    write_lines(str(folder / "class_names.txt"), ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey",
+                                                  "ship", "truck"])
+    write_lines(str(root / "SUN397" / "ClassName.txt"), ["/a/abbey", "/a/apartment_building/outdoor"])
+    write_image(str(root / "SUN397" / "a" / "abbey" / "sun_aaa.jpg"))
+    write_tiny(root)
+    for code in ["AD", "KR", "XK"]:
+        write_image(str(root / "country211" / "test" / code / "1.jpg"))
+    monkeypatch.setitem(sys.modules, "pycountry", types.SimpleNamespace(countries=[
+        types.SimpleNamespace(alpha_2="AD", name="Andorra"), types.SimpleNamespace(alpha_2="KR", name="Korea, Republic of")]))
+
+
+def test_every_set_has_each_protocols_prompts(tmp_path, monkeypatch, no_checksums):
+    write_eval_sets(tmp_path, monkeypatch)
+    assert set(PINNED) | {"stanford_cars"} == set(data.ZERO_SHOT_SETS + data.EXTRA_SETS)
+    assert set(data.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in data.PROMPTS.values())
+    for convention, strings in AGFT_TO_TGA.items():
+        for name, (idx, expected) in PINNED.items():
+            ds = load(name, tmp_path, prompts=convention)
+            prompts = data.prompts(ds)
+            assert ([prompts[i] for i in idx] if idx else prompts) == expected[strings], (convention, name)
+            labels = [int(ds[i][1]) for i in range(len(ds))]
+            assert all(0 <= y < len(prompts) for y in labels) and "{}" in ds.template, (convention, name)
+        # Caltech-101: AGFT's "person" is both face folders (100 classes), the others' are 101 folders
+        ds = load("caltech101", tmp_path, prompts=convention)
+        labels = [ds[i][1] for i in range(len(ds))]
+        assert labels == ([0, 0, 1, 2] if convention == "agft" else [0, 1, 2, 3])
+    assert load("imagenet", tmp_path, prompts=None).template == "This is a photo of a {}."  # None: AGFT's
+    one_line_data_error("unknown prompt convention", load, "cifar10", tmp_path, prompts="clip")
+
+
 # ----------------------------------------------------------------------------- errors
 
 
