@@ -938,14 +938,19 @@ def test_device_resize_matches_the_pil_pipeline(tmp_path):
 
 def test_training_on_tinyimagenet_attacks_at_the_model_resolution(tiny_ckpt, tmp_path, monkeypatch):
     write_tiny(tmp_path)  # 64 px images, uint8 out of the loader, resized on the device before the attack
-    seen = []
-    attack = tecoa.train_attack
+    seen, heads = [], []
+    attack, text_head = tecoa.train_attack, evaluate.text_head
     monkeypatch.setattr(tecoa, "train_attack", lambda f, x, *a: seen.append(x.shape) or attack(f, x, *a))
+    monkeypatch.setattr(evaluate, "text_head", lambda model, ds: heads.append(data.prompts(ds)) or text_head(model, ds))
     args = [a.replace("imagefolder", "tinyimagenet")  # as training and evaluation set
             for a in tecoa_args(tiny_ckpt, str(tmp_path), tmp_path / "run", "--no-eval-baseline")]
     tecoa.main(args)
     assert seen == [(4, 3, RES, RES)] * 2
-    assert json.load(open(tmp_path / "run" / "results.json"))["results"]["tinyimagenet"]["n"] == 3
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["results"]["tinyimagenet"]["n"] == 3
+    # TeCoA's prompts on TinyImageNet (no full stop, lower case), in training and in the final evaluation
+    assert heads == [["This is a photo of a goldfish", "This is a photo of a egyptian cat", "This is a photo of a reel"]] * 2
+    assert res["protocol"]["prompts"] == "tga"
 
 
 def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):
@@ -1236,6 +1241,8 @@ def test_evaluate_protocol_end_to_end(tmp_path, monkeypatch, no_checksums):
     write_cifar(tmp_path)
     for c in data.EUROSAT_FOLDERS:
         write_image(str(tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg"), w=64, h=64)
+    heads, text_head = [], evaluate.text_head
+    monkeypatch.setattr(evaluate, "text_head", lambda model, ds: heads.append(data.prompts(ds)) or text_head(model, ds))
     evaluate.main(["--model", str(tmp_path / "tiny.pt"), "--protocol", "tga", "--datasets", "EuroSAT,cifar10",
                    "--data-root", str(tmp_path), "--max-per-dataset", "3", "--steps", "1", "--batch-size", "2",
                    "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
@@ -1243,6 +1250,8 @@ def test_evaluate_protocol_end_to_end(tmp_path, monkeypatch, no_checksums):
     assert res["attack"] == {"name": "pgd", "eps": 1 / 255, "step_size": 1 / 255, "steps": 1}
     assert list(res["results"]) == ["eurosat", "cifar10"] and all(r["n"] == 3 for r in res["results"].values())
     assert res["protocol"]["name"] == "tga" and res["protocol"]["resize_before_attack"] is True
+    assert res["protocol"]["prompts"] == "tga" and ["This is a photo of a airplane", "This is a photo of a automobile",
+                                                    "This is a photo of a bird"] in heads  # the protocol's prompts
     assert set(res["average"]) == {"clean", "robust"} and res["average_over"] == ["eurosat", "cifar10"]
 
 # ----------------------------------------------------------------------------- section: PMG-AFT and AGFT
@@ -1415,12 +1424,12 @@ TGA_METHODS = [tga_zsr, comp_tga, saft]
 CLASSES = ["red thing", "green thing", "blue thing"]
 
 
-def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolder"):
+def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolder", template="a photo of a {}."):
     """A tiny ViT CLIP, its pixel-space encoder, the script's parsed args and its method state m."""
     model = model or tiny_clip()
     enc = clip.ImageEncoder(model.visual)
     args = module.get_args(["--model", "tiny", "--train-set", train_set, "--device", "cpu", *flags])
-    ds = SimpleNamespace(classnames=classes, template="a photo of a {}.")
+    ds = SimpleNamespace(classnames=classes, template=template)
     m = module.setup_method(model, ds, enc, args, evaluate.Run(torch.device("cpu"), torch.float32))
     return model, enc, args, m
 
@@ -1530,6 +1539,15 @@ def test_defaults_are_the_papers():
     assert saft.get_args([]).k == 5 and saft.get_args([]).descriptions is None
 
 
+def test_each_script_trains_with_its_papers_prompts():
+    defaults = {tecoa: "tga", pmg_aft: "tga", tga_zsr: "tga", comp_tga: "tga", saft: "saft", agft: "agft"}
+    for module, prompts in defaults.items():
+        assert module.get_args([]).prompts == prompts and module.get_args(["--prompts", "agft"]).prompts == "agft"
+        assert module.get_args(["--toy"]).prompts is None  # the toy world's own prompts
+    with pytest.raises(SystemExit):
+        tecoa.get_args(["--prompts", "clip"])
+
+
 @pytest.mark.parametrize("module", [tga_zsr, comp_tga], ids=lambda m: m.__name__)
 def test_training_attack_is_pgd_on_the_ce_term(module):
     enc, args, m, x, y, t = tga_case(module)
@@ -1544,6 +1562,34 @@ def test_comp_tga_prompts_are_class_and_nonclass():
     model, _, _, m = tga_setup(comp_tga)
     assert torch.equal(m.cls, clip.encode_text(model, [f"This is a photo of a {c}" for c in CLASSES]))
     assert torch.equal(m.non, clip.encode_text(model, [f"This is not a photo of a {c}" for c in CLASSES]))
+    assert torch.equal(m.text, m.cls)  # the classification head too, whatever the set's template ("a photo of a {}.")
+
+
+def test_comp_tga_without_the_nonclass_factor_is_tga_zsr_on_its_class_prompt(monkeypatch):
+    model, enc, args, m = tga_setup(comp_tga)  # the training set's template is "a photo of a {}."
+    _, _, targs, tm = tga_setup(tga_zsr, "--alpha", str(args.alpha), "--beta", str(args.beta), model=model,
+                                template="This is a photo of a {}")
+    assert (targs.alpha, targs.beta) == (args.alpha, args.beta) == (0.10, 0.10)
+    monkeypatch.setattr(clip, "complementary_attention",  # A_cls * (1 - A_non) without the (1 - A_non)
+                        lambda tokens, cls, non, size: clip.text_guided_attention(tokens, cls, size))
+    x, y = tga_batch()
+    with torch.no_grad():
+        t, tt = comp_tga.targets(x, y, m, args), tga_zsr.targets(x, y, tm, targs)
+    assert torch.equal(t[1], tt[1])
+    nudge(enc)
+    torch.manual_seed(3)
+    x_adv = comp_tga.train_attack(enc, x, t, m, args)
+    torch.manual_seed(3)
+    assert torch.equal(x_adv, tga_zsr.train_attack(enc, x, tt, tm, targs))
+    results = []
+    for module, state, target, a in [(comp_tga, m, t, args), (tga_zsr, tm, tt, targs)]:
+        enc.zero_grad(set_to_none=True)
+        loss, terms = module.loss_fn(enc, x, x_adv, target, state, a)
+        loss.backward()
+        results.append((loss.detach(), terms, [p.grad.clone() for p in enc.parameters()]))
+    (loss, terms, grads), (tloss, tterms, tgrads) = results
+    assert torch.equal(loss, tloss) and all(torch.equal(terms[k], tterms[k]) for k in ("ce", "refine", "constrain"))
+    assert terms["refine"] > 0 and all(torch.equal(g, tg) for g, tg in zip(grads, tgrads))
 
 
 # ----------------------------------------------------------------------------- SAFT's descriptions and heads
@@ -1574,9 +1620,10 @@ def test_saft_fallback_classes_are_matched_normalised_and_counted(tmp_path, caps
     desc = {"Red_Thing": ["a", "b", "c"], "green-thing": ["a", "b"], "yellow thing": ["a", "b", "c"]}
     _, _, args, m = tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")
     out = capsys.readouterr().out
-    assert "2 of 3 classes" in out and "green thing, blue thing" in out
+    assert "2 of 3 classes" in out and 'fell back to "This is a photo of a {}" 3 times: green thing, blue thing' in out
     assert sorted(m.chosen[0]) == ["a", "b", "c"]  # "Red_Thing" matched "red thing"
-    assert m.chosen[1] == ["a photo of a green thing."] * 3 and m.chosen[2] == ["a photo of a blue thing."] * 3
+    # the authors' fallback, not the training set's template ("a photo of a {}.")
+    assert m.chosen[1] == ["This is a photo of a green thing"] * 3 and m.chosen[2] == ["This is a photo of a blue thing"] * 3
 
 
 def test_saft_without_descriptions_says_so_and_uses_templates(capsys):
