@@ -820,13 +820,13 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
 
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets, prompts and attack (and a
-    version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets, prompts and attack
+    (and a version, 2 since robust accuracy counts only images right both clean and attacked)."""
     from clip.toy import toy_cache_path
     weights = toy_cache_path() if args.model == "toy" else args.model
     stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg,
-                      args.seed, getattr(args, "prompts", None)])
+    key = [2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed]
+    key = json.dumps(key + ([args.prompts] if getattr(args, "prompts", None) else []))  # toy runs: no prompts
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         run.log(f"the pre-trained encoder's results: {path} (cached)")
