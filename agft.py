@@ -21,7 +21,7 @@ import clip
 import data
 import evaluate
 
-PAPER = dict(train_set="imagenet", batch_size=256, lr=4e-4)  # SPEC 2 (AGFT paper, Implementation Details)
+PAPER = dict(train_set="imagenet", batch_size=256, lr=4e-4, prompts="agft")  # SPEC 2 (AGFT paper, Implementation Details)
 TOY = dict(lr=1e-3, max_steps=300)
 
 
@@ -81,7 +81,8 @@ def main(argv=None):
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

@@ -105,6 +105,9 @@ def training_parser(doc):
     add("--train-set", help="imagenet | tinyimagenet | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the image folder for --train-set imagefolder)")
     add("--eval-sets", help="comma-separated zero-shot evaluation sets")
+    add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the training and evaluation "
+        "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the "
+        "script's paper's; the toy world has its own)")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
     add("--epochs", type=int)
     add("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
@@ -286,7 +289,8 @@ class TrainLog:
     def probe_sets(self):
         """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
         model = clip.load(self.args.model, device=self.run.device)
-        sets = eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution, PROBE_N)
+        sets = eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution, PROBE_N,
+                             prompts=getattr(self.args, "prompts", None))
         return {name: (ds, text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
 
     @torch.no_grad()
@@ -711,7 +715,7 @@ def average(results, over=None):
 
 # The three papers' evaluation protocols (SPEC 4): PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
 # STL-10 are resized to the model resolution before the attack, the sets in the order of the paper's table columns,
-# and the sets the average covers.
+# the sets the average covers, and the class names and prompt templates (data.PROMPTS).
 TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101", "oxford_pets", "flowers102", "dtd",
             "eurosat", "fgvc_aircraft", "imagenet", "caltech101", "caltech256", "stanford_cars", "pcam"]
 SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_pets", "flowers102", "dtd", "eurosat",
@@ -719,11 +723,13 @@ SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_
 PROTOCOLS = {
     # AGFT Tables 1-2: PGD-20, CIFAR/STL attacked at native resolution, the 15 zero-shot sets and their mean
     "agft": dict(steps=20, step_size=1 / 255, resize_before_attack=False, datasets=data.ZERO_SHOT_SETS,
-                 average=data.ZERO_SHOT_SETS),
+                 average=data.ZERO_SHOT_SETS, prompts="agft"),
     # TGA-ZSR / Comp-TGA Tables I-II: PGD-100, everything at 224 px, 16 sets with TinyImageNet, mean over all 16
-    "tga": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=TGA_SETS, average=TGA_SETS),
+    "tga": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=TGA_SETS, average=TGA_SETS,
+                prompts="tga"),
     # SAFT Table 1: as TGA, but TinyImageNet (the training source) is reported apart from the 15-set "zero-shot average"
-    "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:]),
+    "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:],
+                 prompts="saft"),
 }
 SHORT = {"caltech101": "Cal101", "caltech256": "Cal256", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
          "eurosat": "EuroSAT", "fgvc_aircraft": "FGVC", "flowers102": "Flowers", "food101": "Food101",
@@ -805,21 +811,22 @@ def check_datasets(names, data_root, train_set=None):
         raise data.DataError(missing[0][1] + more)
 
 
-def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False):
+def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
     """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
     return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
-                                                                      resize_small=resize_small), max_n)
+                                                                      resize_small=resize_small, prompts=prompts), max_n)
             for n in names}
 
 
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
-    version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets, prompts and attack
+    (and a version, 2 since robust accuracy counts only images right both clean and attacked)."""
     from clip.toy import toy_cache_path
     weights = toy_cache_path() if args.model == "toy" else args.model
     stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
+    key = [2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed]
+    key = json.dumps(key + ([args.prompts] if getattr(args, "prompts", None) else []))  # toy runs: no prompts
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         run.log(f"the pre-trained encoder's results: {path} (cached)")
@@ -836,13 +843,15 @@ def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
 
 
 def final_evaluation(encoder, args, run):
-    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
+    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
+    with the training run's prompt convention (--prompts)."""
     model = clip.load(args.model, device=run.device)
     step = args.eps / 4 if args.toy else 1 / 255
     cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
-    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
+    prompts = getattr(args, "prompts", None)
+    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
     baseline = None
     f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
@@ -850,7 +859,7 @@ def final_evaluation(encoder, args, run):
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
     over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
-    out = report(run, args.model, cfg, results, baseline, over=over)
+    out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None)
     if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
     return out
@@ -945,10 +954,11 @@ ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)"
 
 def attention_images(args, resolution, n):
     """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
+    prompts = getattr(args, "prompts", None)
     try:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution)
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, prompts=prompts)
     except data.DataError:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True)
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True, prompts=prompts)
     return eval_subset(ds, n)
 
 
@@ -1050,13 +1060,16 @@ def main(argv=None):
                              "AGFT / FARE (open_clip), see CHECKPOINT_FORMATS")
     add("--protocol", default="agft", choices=list(PROTOCOLS),
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
-             "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average); default agft")
+             "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average), each with its "
+             "paper's class names and prompts; default agft")
     add("--datasets", help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
     add("--download", action="store_true", help="let torchvision download the sets it can")
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
+    add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
+        "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
     add("--attack", default="pgd", help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; or a "
                                          "comma-separated list (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
@@ -1093,6 +1106,7 @@ def main(argv=None):
         args.steps = 20 if args.toy else proto["steps"]
     if args.resize_before_attack is None:
         args.resize_before_attack = proto["resize_before_attack"] and not args.toy
+    args.prompts = args.prompts or proto["prompts"]
     check_attack_flags(args.eps, args.step_size, args.steps)
     chosen = attack_names(args.attack)
     if args.datasets == "all":
@@ -1108,10 +1122,10 @@ def main(argv=None):
     if args.checkpoint:
         load_visual(model, args.checkpoint, args.model)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
-                         args.resize_before_attack)
+                         args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
-                "max_per_dataset": args.max_per_dataset}
+                "max_per_dataset": args.max_per_dataset, "prompts": None if args.toy else args.prompts}
     attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # its normalisation buffers too
     if args.save_examples and run.main:  # first: seconds, and they show what the attack does

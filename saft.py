@@ -24,7 +24,7 @@ import clip
 import data
 import evaluate
 
-PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. 5.1
+PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4, prompts="saft")  # SPEC 2, paper Sec. 5.1
 TOY = dict(lr=1e-3, max_steps=300, save_attention=8)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
@@ -33,6 +33,8 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 # Without a descriptions file: an ensemble of plain templates (written here), the first K of them.
+# A class with too few descriptions: this prompt K times, as the authors' code does, whatever the set's template.
+FALLBACK = "This is a photo of a {}"
 TEMPLATES = ["a photo of a {}.", "an image of a {}.", "a picture of a {}.", "This is a photo of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.", "a cropped photo of a {}.", "a bright photo of a {}."]
 
@@ -67,12 +69,12 @@ def normalise(name):
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def select_descriptions(model, classnames, prompts, desc, k):
+def select_descriptions(model, classnames, desc, k):
     """Each class's top-k descriptions, most relevant first (Eq. 2-3), and the names of the classes that fell back.
 
     Names match after normalising both sides (lower case, '_' and '-' as spaces). Relevance is the cosine between
     a description's text feature and the bare class name's (no template). A class with no match or fewer than k
-    descriptions gets its template prompt k times."""
+    descriptions gets FALLBACK k times."""
     # the official code matches case-sensitively with a raw substring fallback and ranks against the JSON key
     table = {}
     for key, texts in desc.items():
@@ -82,9 +84,9 @@ def select_descriptions(model, classnames, prompts, desc, k):
     feats = clip.encode_text(model, [d for c in ranked for d in c]) if ranked else None
     names = clip.encode_text(model, classnames)
     chosen, fell, i = [], [], 0
-    for name, name_feat, cands, prompt in zip(classnames, names, found, prompts):
+    for name, name_feat, cands in zip(classnames, names, found):
         if len(cands) < k:
-            chosen.append([prompt] * k)
+            chosen.append([FALLBACK.format(name)] * k)
             fell.append(name)
             continue
         score = feats[i:i + len(cands)] @ name_feat
@@ -101,7 +103,7 @@ def setup_method(model, train_set, encoder, args, run):
                                   f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
     if args.k < 1:
         raise evaluate.UsageError(f"--k must be at least 1, got {args.k}")
-    names, prompts = train_set.classnames, data.prompts(train_set)
+    names = train_set.classnames
     if args.descriptions is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
         desc, args.descriptions = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
         if run.main:
@@ -116,10 +118,10 @@ def setup_method(model, train_set, encoder, args, run):
                 f"{args.k} hand-written templates ({', '.join(TEMPLATES[:args.k])})")
         chosen = [[t.format(n) for t in TEMPLATES[:args.k]] for n in names]
     else:
-        chosen, fell = select_descriptions(model, names, prompts, desc, args.k)
+        chosen, fell = select_descriptions(model, names, desc, args.k)
         run.log(f"{args.method}: top {args.k} descriptions per class from {args.descriptions}; {len(fell)} of "
-                f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to their template prompt"
-                + (f": {', '.join(fell[:8])}{', ...' if len(fell) > 8 else ''}" if fell else ""))
+                f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to \"{FALLBACK}\" "
+                f"{args.k} times" + (f": {', '.join(fell)}" if fell else ""))
     heads = torch.stack([clip.encode_text(model, [c[k] for c in chosen]) for k in range(args.k)]).to(run.device)
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     return SimpleNamespace(heads=heads, text=heads.mean(0), chosen=chosen, f0=f0)
@@ -181,7 +183,8 @@ def main(argv=None):
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

@@ -21,7 +21,7 @@ import clip
 import data
 import evaluate
 
-PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4)  # SPEC 2, paper Sec. IV-A
+PAPER = dict(train_set="tinyimagenet", batch_size=128, lr=1e-4, prompts="tga")  # SPEC 2, paper Sec. IV-A
 TOY = dict(lr=1e-3, max_steps=300, save_attention=8)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
@@ -91,7 +91,8 @@ def main(argv=None):
     evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
