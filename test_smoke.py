@@ -225,6 +225,36 @@ def test_toy_world_is_deterministic():
         assert not set(ds.classnames) & set(data.toy_dataset(data.TOY_TRAIN, 1, seed=0).classnames)
 
 
+def test_toy_captions_minimal_sets_and_negations():
+    xa, ca = data.toy_caption_batch(256, torch.Generator().manual_seed(3))
+    xb, cb = data.toy_caption_batch(256, torch.Generator().manual_seed(3))
+    assert torch.equal(xa, xb) and ca == cb and xa.shape == (256, 3, 32, 32)  # deterministic from the generator
+    negated = [c for c in ca if ". this is not a photo of a " in c]
+    assert 0.15 < len(negated) / len(ca) < 0.45
+    for c in negated:  # the negated pair is never the image's own colour and shape
+        name = c.split("this is not a photo of a ")[1].rstrip(".")
+        assert name in data.TOY_TASKS[data.TOY_TRAIN][1]
+    a, must = data.toy_minimal_sets(256, torch.Generator().manual_seed(4))
+    i, sets = 0, 0
+    while i < len(must) and must[i]:  # the sets come first, each a run of images with one attribute varied
+        j = i
+        varied, seen = must[i], set()
+        while (j < len(must) and must[j] == varied and int(a[varied][j]) not in seen
+               and all(a[k][j] == a[k][i] for k in a if k != varied)):
+            seen.add(int(a[varied][j]))
+            j += 1
+        assert 2 <= j - i <= 4 and len({int(a[varied][k]) for k in range(i, j)}) == j - i
+        assert all(torch.equal(a[k][i:j], a[k][i].expand(j - i)) for k in a if k != varied)
+        i, sets = j, sets + 1
+    assert sets > 20 and all(m is None for m in must[i:])
+    rng = __import__("random").Random(0)
+    for k, attr in enumerate(must[:40]):  # the varied attribute is always named in the caption
+        value = data.TOY_ATTRS[attr][a[attr][k]]
+        caption = data._toy_caption(a, k, rng, attr)
+        assert (value if attr != "count" or value != "one" else "") in caption or (value == "one" and (
+            " a " in caption or " an " in caption or " one " in caption))
+
+
 # ----------------------------------------------------------------------------- DDP on CPU (gloo)
 
 
