@@ -28,6 +28,7 @@ import harness
 PAPER = dict(
     model="ViT-B/32",       # paper Sec. 4.1
     train_set="imagenet",   # ImageNet-1k: paper Sec. 4.1
+    prompts="agft",         # class names and prompt templates of the training and evaluation sets: official code
     batch_size=256,         # paper Sec. 4.1
     lr=4e-4,                # paper Sec. 4.1
     epochs=10,              # paper Sec. 4.1
@@ -98,7 +99,8 @@ def main(argv=None):
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

@@ -4,7 +4,9 @@ TGA-ZSR (tga_zsr.py) with the complementary map A = A_cls * (1 - A_non) wherever
 below): A_cls from the class prompt "This is a photo of a {c}", A_non from the non-class prompt
 "This is not a photo of a {c}", both for the ground-truth class, from the same forward pass:
     L = CE(s * cos(f(x_adv), T), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
-x_adv = PGD on the CE term only. Equation numbers are those of the Comp-TGA paper. ViT backbones only.
+x_adv = PGD on the CE term only. T holds the class prompts of A_cls, whatever the training set's template (the
+authors' code uses one set of text features for both), so without the (1 - A_non) factor this is TGA-ZSR on that
+text. Equation numbers are those of the Comp-TGA paper. ViT backbones only.
 
     python comp_tga.py --toy                                # offline toy world on a CPU, a few minutes
     python comp_tga.py --data-root /data                    # the paper: ViT-B/32, TinyImageNet, eps 1/255, 10 epochs
@@ -28,6 +30,8 @@ import harness
 PAPER = dict(
     model="ViT-B/32",          # paper Sec. IV-A
     train_set="tinyimagenet",  # paper Sec. IV-A
+    prompts="tga",             # class names and prompt templates of the training and evaluation sets: official code
+                               # (TGA-ZSR's, from TeCoA's dataset files)
     batch_size=128,            # paper Sec. IV-A
     lr=1e-4,                   # paper Sec. IV-A
     epochs=10,                 # official code
@@ -55,15 +59,15 @@ def add_method_args(p):
 
 
 def setup_method(model, train_set, encoder, args, run):
-    """The text features T of the training classes and of their class and non-class prompts (encoded once), and
-    the frozen pre-trained encoder f0."""
+    """The text features of the training classes' class prompts (T, also A_cls's text) and non-class prompts (encoded
+    once), and the frozen pre-trained encoder f0."""
     if not isinstance(model.visual, clip.model.VisionTransformer):
         raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
                                  f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     cls = clip.encode_text(model, [f"This is a photo of a {c}" for c in train_set.classnames]).to(run.device)
     non = clip.encode_text(model, [f"This is not a photo of a {c}" for c in train_set.classnames]).to(run.device)
-    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0, cls=cls, non=non)
+    return SimpleNamespace(text=cls, f0=f0, cls=cls, non=non)
 
 
 def training_targets(x, y, m, args):
@@ -125,7 +129,8 @@ def main(argv=None):
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

@@ -89,9 +89,9 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin=False):
 # --- the real datasets ---
 # Each set lives in a fixed folder under --data-root, in the layout torchvision's class for it expects (or the layout
 # of the official archive where torchvision has no class), and is read from there as it is: nothing is moved or
-# rewritten. Split, prompt template and class names follow the AGFT paper's code;
-# where TeCoA / PMG-AFT / TGA-ZSR / SAFT differ, a comment says how. Preprocessing: CIFAR-10/100 and
-# STL-10 stay at their native 32 / 96 px (the model upsamples after the attack) unless resize_small
+# rewritten. Splits follow the AGFT paper's code (TeCoA, PMG-AFT, TGA-ZSR and SAFT evaluate the same ones); prompt
+# templates and class names follow the chosen convention (PROMPTS, below the loaders). Preprocessing: CIFAR-10/100
+# and STL-10 stay at their native 32 / 96 px (the model upsamples after the attack) unless resize_small
 # (evaluate.py --resize-before-attack); every other set is resized (shorter side) and centre-cropped to the model
 # resolution before the attack. Small square images (CIFAR, STL, TinyImageNet's 64 px) leave the loader as uint8
 # tensors at native size and are resized on the device (`ds.resize_to`, read by to_device); the others go through PIL.
@@ -103,7 +103,7 @@ TRAIN_SETS = ["imagenet", "tinyimagenet", "cifar10", "cifar100"]
 SMALL_SETS = {"cifar10", "cifar100", "stl10"}  # fed at native resolution unless resize_small
 DEVICE_RESIZED = SMALL_SETS | {"tinyimagenet"}  # square uint8 images, resized on the device when resized at all
 
-# name: (folder under --data-root, what it holds, template, how --download does). "" = cannot be downloaded.
+# name: (folder under --data-root, what it holds, AGFT's template, how --download does). "" = cannot be downloaded.
 TV = "--download fetches it with torchvision"
 SETS = {
     "caltech101": ("caltech101", "101_ObjectCategories/<category>/image_NNNN.jpg", "A photo of a {}.",
@@ -154,10 +154,11 @@ EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "I
                    "Residential", "River", "SeaLake"]
 EUROSAT_NAMES = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
                  "industrial buildings", "pasture land", "permanent crop land", "residential buildings", "a river",
-                 "a sea or a lake"]  # AGFT and TeCoA/PMG/TGA/SAFT alike
+                 "a sea or a lake"]  # every convention
 # The 102 Oxford flowers in label order (label 1 first), as usually written. AGFT reads "-" as a space and drops "?"
-# and "'" (flowers_agft); TeCoA/PMG/TGA/SAFT read "-" as a space but keep the "?". AGFT's "cyclamen " and
-# "hippeastrum " carry a trailing space into the prompt; kept, so the prompts are AGFT's to the character.
+# and "'" (flowers_agft); the TeCoA family's list has no "'" either ("colts foot"), and it reads "-" as a space but
+# keeps the "?". Both lists write "cyclamen " and "hippeastrum " with a trailing space, which is kept, so the prompts
+# are the papers' to the character (CLIP's tokenizer drops the space).
 FLOWERS = (
     "pink primrose|hard-leaved pocket orchid|canterbury bells|sweet pea|english marigold|tiger lily|moon orchid|"
     "bird of paradise|monkshood|globe thistle|snapdragon|colt's foot|king protea|spear thistle|yellow iris|"
@@ -180,15 +181,22 @@ def flowers_agft():
 
 
 def refine(name):
-    """AGFT's class-name rule: lower case, '_', '-' and '/' read as spaces (TeCoA/PMG/TGA/SAFT: the same, no strip)."""
+    """AGFT's class-name rule: lower case, '_', '-' and '/' read as spaces, surrounding spaces stripped."""
     return name.lower().replace("_", " ").replace("-", " ").replace("/", " ").strip()
+
+
+def lower_spaces(name, slash=True):
+    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): refine without the strip; its dataset files
+    with prompts of their own leave '/' alone (slash=False)."""
+    name = name.lower().replace("_", " ").replace("-", " ")
+    return name.replace("/", " ") if slash else name
 
 
 def imagenet_classnames():
     """The 1000 ImageNet names in sorted-wnid order as AGFT writes them: torchvision's short Keras-style names with
     '-' read as a space, case kept. torchvision tells the two homonym pairs apart ("crane bird", "maillot tank suit");
-    AGFT's names file does not, so neither do we. TeCoA/PMG/TGA/SAFT lowercase the same names; FARE uses OpenAI's
-    curated names with 80 templates."""
+    AGFT's names file does not, so neither do we. The TeCoA family lower-cases the same names (PROMPTS); FARE uses
+    OpenAI's curated names with 80 templates."""
     from torchvision.models._meta import _IMAGENET_CATEGORIES
     names = [n.replace("-", " ") for n in _IMAGENET_CATEGORIES]
     names[134], names[639] = "crane", "maillot"
@@ -264,10 +272,11 @@ def read_mat(path):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Images listed as (path, label) pairs, read with PIL, converted to RGB and transformed."""
+    """Images listed as (path, label) pairs, read with PIL, converted to RGB and transformed; source_names: the class
+    names as read, in label order (load_dataset adds classnames and template)."""
 
-    def __init__(self, samples, classnames, template, transform):
-        self.samples, self.classnames, self.template, self.transform = samples, classnames, template, transform
+    def __init__(self, samples, source_names, transform):
+        self.samples, self.source_names, self.transform = samples, source_names, transform
 
     def __len__(self):
         return len(self.samples)
@@ -284,39 +293,49 @@ def _files(folder, ext=".jpg"):
 
 
 def _caltech101(path, root, tf, train, download):
-    # AGFT merges Faces and Faces_easy into one class "person" (100 classes); TGA-ZSR and SAFT keep 101 classes,
-    # "faces" and "faces easy", with the template "This is a photo of a {}". Read here rather than with torchvision's
-    # Caltech101, which imports scipy for every image; same images (the background class left out).
+    # The 101 category folders (the background class left out), one class each; AGFT's convention then merges two
+    # (_caltech101_person). Read here rather than with torchvision's Caltech101, which imports scipy for every image.
     if download and not os.path.isdir(os.path.join(path, "101_ObjectCategories")):
         import torchvision
         torchvision.datasets.Caltech101(root, download=True)
     cats = _subfolders(os.path.join(path, "101_ObjectCategories"))
     cats = [c for c in cats if c != "BACKGROUND_Google"]
-    faces = {"Faces", "Faces_easy"}
-    rest = [c for c in cats if c not in faces]
-    label = {c: 0 if c in faces else 1 + rest.index(c) for c in cats}
-    samples = [(os.path.join(path, "101_ObjectCategories", c, f), label[c]) for c in cats
+    samples = [(os.path.join(path, "101_ObjectCategories", c, f), i) for i, c in enumerate(cats)
                for f in _files(os.path.join(path, "101_ObjectCategories", c))]
-    return ImageList(samples, ["person"] + [refine(c) for c in rest], SETS["caltech101"][2], tf)
+    return ImageList(samples, cats, tf)
+
+
+def _caltech101_person(ds):
+    """AGFT's Caltech-101: Faces and Faces_easy are one class, "person", first (100 classes); relabels ds."""
+    faces = {"Faces", "Faces_easy"}
+    rest = [c for c in ds.source_names if c not in faces]
+    label = [0 if c in faces else 1 + rest.index(c) for c in ds.source_names]
+    ds.samples = [(path, label[y]) for path, y in ds.samples]
+    return ["person"] + [refine(c) for c in rest]
 
 
 def _caltech256(path, root, tf, train, download):
-    # "NNN.name" folders; the "-101" suffix of the classes shared with Caltech101 is dropped (AGFT and TeCoA alike).
+    # "NNN.name" folders (class names: _caltech256_name)
     if download and not os.path.isdir(os.path.join(path, "256_ObjectCategories")):
         import torchvision
         torchvision.datasets.Caltech256(root, download=True)
     cats = _subfolders(os.path.join(path, "256_ObjectCategories"))
     samples = [(os.path.join(path, "256_ObjectCategories", c, f), i) for i, c in enumerate(cats)
                for f in _files(os.path.join(path, "256_ObjectCategories", c))]
-    return ImageList(samples, [refine(c[4:].replace("-101", "")) for c in cats], SETS["caltech256"][2], tf)
+    return ImageList(samples, cats, tf)
 
 
-def _torchvision(cls_name, names, **kw):
-    """A loader that builds torchvision's class and takes its class names through `names(ds)`."""
+def _caltech256_name(c):
+    # "NNN." dropped, and the "-101" suffix of the classes shared with Caltech-101 (every convention)
+    return refine(c[4:].replace("-101", ""))
+
+
+def _torchvision(cls_name, **kw):
+    """A loader that builds torchvision's class; its `classes` are the source names."""
     def load(path, root, tf, train, download):
         import torchvision
         ds = getattr(torchvision.datasets, cls_name)(root, transform=tf, download=download, **kw)
-        ds.classnames = names(ds)
+        ds.source_names = list(getattr(ds, "classes", []))
         return ds
     return load
 
@@ -325,7 +344,7 @@ def _cifar(cls_name):
     def load(path, root, tf, train, download):
         import torchvision
         ds = getattr(torchvision.datasets, cls_name)(root, train=train, transform=tf, download=download)
-        ds.classnames = [refine(c) for c in ds.classes]
+        ds.source_names = list(ds.classes)
         return ds
     return load
 
@@ -335,7 +354,7 @@ def _eurosat(path, root, tf, train, download):
     ds = torchvision.datasets.EuroSAT(root, transform=tf, download=download)
     if ds.classes != EUROSAT_FOLDERS:
         raise DataError(f"eurosat: {path} holds the class folders {ds.classes}, expected {EUROSAT_FOLDERS}")
-    ds.classnames = EUROSAT_NAMES
+    ds.source_names = list(ds.classes)
     return ds
 
 
@@ -351,24 +370,28 @@ def _flowers102(path, root, tf, train, download):
     labels = read_mat(os.path.join(path, "imagelabels.mat"))["labels"]
     ids = read_mat(os.path.join(path, "setid.mat"))["tstid"]  # the test split, 6,149 images
     samples = [(os.path.join(path, "jpg", f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
-    return ImageList(samples, flowers_agft(), SETS["flowers102"][2], tf)
+    return ImageList(samples, list(FLOWERS), tf)
 
 
-def _fgvc_names(ds):
-    # Variants starting with a digit 7 are Boeing 7x7s: AGFT and TeCoA prefix "Boeing "; AGFT keeps case, the others
-    # lowercase ("boeing 707-320").
-    return [f"Boeing {c}" if c.startswith("7") else c for c in ds.classes]
+def _boeing(variant):
+    # Variants starting with a digit 7 are Boeing 7x7s, written "Boeing 707-320" (every convention)
+    return f"Boeing {variant}" if variant.startswith("7") else variant
 
 
 def _pcam_names(ds):
-    # Fixed prompts, so the template is "{}". TeCoA/PMG/TGA/SAFT write "Tthis is a photo of healthy lymph node
-    # tissue." (sic); FARE uses "a histopathology slide showing {}".
+    # AGFT's fixed prompts, so the template is "{}"; FARE uses "a histopathology slide showing {}".
     return ["This is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
 
 
-def _country_names(ds):
-    # AGFT: the ISO code's pycountry name up to the first comma, '-' read as a space, XK = Kosovo (AGFT pins
-    # pycountry 24.6.1; names differ between versions). TeCoA keeps the full name.
+def _pcam_names_tecoa(ds):
+    # The TeCoA family's, misspelt "Tthis" in its code
+    return ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
+
+
+def _country_names(ds, full=False):
+    # The ISO code's pycountry name, XK = Kosovo; AGFT cuts it at the first comma and reads '-' as a space (AGFT pins
+    # pycountry 24.6.1; names differ between versions), the TeCoA family keeps it whole and reads '_' and '-' as
+    # spaces, case kept in both.
     try:
         import pycountry
     except ImportError:
@@ -379,16 +402,18 @@ def _country_names(ds):
     unknown = [c for c in ds.classes if c not in names]
     if unknown:
         raise DataError(f"country211: folders {unknown[:5]} are not ISO 3166 country codes known to pycountry")
-    return [names[c].split(",")[0].replace("-", " ") for c in ds.classes]
+    if full:
+        return [names[c].replace("_", " ").replace("-", " ") for c in ds.source_names]
+    return [names[c].split(",")[0].replace("-", " ") for c in ds.source_names]
 
 
 def _imagenet(path, root, tf, train, download):
     split = os.path.join(path, "train" if train else "val")
-    ds = image_folder(split, None, SETS["imagenet"][2], tf)
+    ds = image_folder(split, None, None, tf)
     if len(ds.classes) != 1000:
         raise DataError(f"imagenet: {split} has {len(ds.classes)} class folders, expected the 1000 ILSVRC-2012 wnid "
                         "folders (torchvision.datasets.ImageNet or ILSVRC's valprep.sh sort the val images into them)")
-    ds.classnames = imagenet_classnames()
+    ds.source_names = imagenet_classnames()
     return ds
 
 
@@ -407,40 +432,107 @@ def _tinyimagenet(path, root, tf, train, download):
             rows = [line.split("\t")[:2] for line in f if line.strip()]
         samples = [(os.path.join(path, "val", "images", file), index[wnid]) for file, wnid in rows]
     names = wordnet_first_lemmas(os.path.join(path, "words.txt"), wnids)
-    return ImageList(samples, [names[w] for w in wnids], SETS["tinyimagenet"][2], tf)
+    return ImageList(samples, [names[w] for w in wnids], tf)
 
 
 def _imagenet_variant(name):
     def load(path, root, tf, train, download):  # ImageNet-R (200 wnids) and ImageNet-Sketch (1000), whole sets
-        ds = image_folder(path, None, SETS[name][2], tf)
-        ds.classnames = imagenet_names_for(ds.classes, root, name)
+        ds = image_folder(path, None, None, tf)
+        ds.source_names = imagenet_names_for(ds.classes, root, name)
         return ds
     return load
 
 
+# Each loader returns the set with `source_names`, the class names as it read them (folder names, torchvision's
+# classes; ImageNet's and TinyImageNet's names as AGFT writes them), in label order; PROMPTS turns them into prompts.
 LOADERS = {
     "caltech101": _caltech101,
     "caltech256": _caltech256,
     "cifar10": _cifar("CIFAR10"),
     "cifar100": _cifar("CIFAR100"),
-    "dtd": _torchvision("DTD", lambda ds: [refine(c) for c in ds.classes], split="test", partition=1),
+    "dtd": _torchvision("DTD", split="test", partition=1),
     "eurosat": _eurosat,
-    "fgvc_aircraft": _torchvision("FGVCAircraft", _fgvc_names, split="test", annotation_level="variant"),
+    "fgvc_aircraft": _torchvision("FGVCAircraft", split="test", annotation_level="variant"),
     "flowers102": _flowers102,
-    "food101": _torchvision("Food101", lambda ds: [refine(c) for c in ds.classes], split="test"),
+    "food101": _torchvision("Food101", split="test"),
     "imagenet": _imagenet,
-    "oxford_pets": _torchvision("OxfordIIITPet", lambda ds: [refine(c) for c in ds.classes], split="test"),
-    "pcam": _torchvision("PCAM", _pcam_names, split="test"),
-    # Stanford Cars: the year (last 5 characters) dropped, '-' read as a space, case kept (TeCoA & co. lowercase).
-    "stanford_cars": _torchvision("StanfordCars", lambda ds: [c[:-5].replace("-", " ") for c in ds.classes],
-                                 split="test"),
-    "stl10": _torchvision("STL10", lambda ds: list(ds.classes), split="test"),  # names as they are (AGFT)
-    "sun397": _torchvision("SUN397", lambda ds: [refine(c) for c in ds.classes]),  # whole set, no split
+    "oxford_pets": _torchvision("OxfordIIITPet", split="test"),
+    "pcam": _torchvision("PCAM", split="test"),
+    "stanford_cars": _torchvision("StanfordCars", split="test"),
+    "stl10": _torchvision("STL10", split="test"),
+    "sun397": _torchvision("SUN397"),  # whole set, no split
     "tinyimagenet": _tinyimagenet,
-    "country211": _torchvision("Country211", _country_names, split="test"),
+    "country211": _torchvision("Country211", split="test"),
     "imagenet-r": _imagenet_variant("imagenet-r"),
     "imagenet-sketch": _imagenet_variant("imagenet-sketch"),
 }
+
+
+def _each(rule):
+    """A class-name rule applied to every source name."""
+    return lambda ds: [rule(c) for c in ds.source_names]
+
+
+def _no_slash(name):
+    return lower_spaces(name, slash=False)
+
+
+# --- prompt conventions ---
+# One prompt per class, template.format(name): {convention: {set: (template, names)}}, where names(ds) maps the
+# loader's source names to the names in the prompts (relabelling the set where classes merge).
+# agft: the AGFT paper's code. tga: the code of TGA-ZSR and Comp-TGA, whose dataset files come from TeCoA (PMG-AFT's
+# too): the template "This is a photo of a {}" without a full stop wherever a set has no template of its own, names
+# lower-cased (except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files, so
+# the same strings as tga.
+GENERIC = "This is a photo of a {}"
+PROMPTS = {
+    "agft": {
+        "caltech101": (SETS["caltech101"][2], _caltech101_person),
+        "caltech256": (SETS["caltech256"][2], _each(_caltech256_name)),
+        "cifar10": (SETS["cifar10"][2], _each(refine)),
+        "cifar100": (SETS["cifar100"][2], _each(refine)),
+        "dtd": (SETS["dtd"][2], _each(refine)),
+        "eurosat": (SETS["eurosat"][2], lambda ds: list(EUROSAT_NAMES)),
+        "fgvc_aircraft": (SETS["fgvc_aircraft"][2], _each(_boeing)),  # case kept
+        "flowers102": (SETS["flowers102"][2], lambda ds: flowers_agft()),
+        "food101": (SETS["food101"][2], _each(refine)),
+        "imagenet": (SETS["imagenet"][2], _each(str)),  # Keras-style names, case kept
+        "oxford_pets": (SETS["oxford_pets"][2], _each(refine)),
+        "pcam": (SETS["pcam"][2], _pcam_names),
+        # the year (last 5 characters) dropped, '-' read as a space, case kept
+        "stanford_cars": (SETS["stanford_cars"][2], _each(lambda c: c[:-5].replace("-", " "))),
+        "stl10": (SETS["stl10"][2], _each(str)),  # torchvision's names as they are
+        "sun397": (SETS["sun397"][2], _each(refine)),
+        "tinyimagenet": (SETS["tinyimagenet"][2], _each(str)),
+        "country211": (SETS["country211"][2], _country_names),
+        "imagenet-r": (SETS["imagenet-r"][2], _each(str)),
+        "imagenet-sketch": (SETS["imagenet-sketch"][2], _each(str)),
+    },
+    "tga": {
+        "caltech101": (GENERIC, _each(lower_spaces)),  # "faces", "faces easy", "leopards", ...
+        "caltech256": ("A photo of a {}.", _each(_caltech256_name)),
+        "cifar10": (GENERIC, _each(lower_spaces)),
+        "cifar100": (GENERIC, _each(lower_spaces)),
+        "dtd": ("A surface with a {} texture.", _each(_no_slash)),
+        "eurosat": ("A centered satellite photo of {}.", lambda ds: list(EUROSAT_NAMES)),
+        "fgvc_aircraft": ("A photo of a {}, a type of aircraft.",
+                          _each(lambda c: _boeing(c).lower().replace("_", " "))),  # hyphens kept: "boeing 707-320"
+        "flowers102": ("A photo of a {}, a type of flower.",
+                       _each(lambda c: _no_slash(c.replace("'", "")))),  # "pink yellow dahlia?"
+        "food101": ("A photo of {}, a type of food.", _each(_no_slash)),
+        "imagenet": (GENERIC, _each(lower_spaces)),
+        "oxford_pets": ("A photo of a {}, a type of pet.", _each(_no_slash)),
+        "pcam": ("{}", _pcam_names_tecoa),
+        "stanford_cars": ("A photo of a {}.", _each(lambda c: _no_slash(c[:-5]))),  # "ram c/v cargo van minivan"
+        "stl10": (GENERIC, _each(lower_spaces)),
+        "sun397": (GENERIC, _each(lower_spaces)),
+        "tinyimagenet": (GENERIC, _each(lower_spaces)),
+        "country211": ("A photo I took in {}.", lambda ds: _country_names(ds, full=True)),
+        "imagenet-r": (GENERIC, _each(lower_spaces)),
+        "imagenet-sketch": (GENERIC, _each(lower_spaces)),  # not in their code: its generic rule
+    },
+}
+PROMPTS["saft"] = PROMPTS["tga"]
 NEEDS = {"pcam": "h5py", "stanford_cars": "scipy"}  # optional packages torchvision needs for these
 
 
@@ -487,11 +579,15 @@ def check_dataset(name, root, train=False, download=False):
                             f"(pip install {NEEDS[known]})") from None
 
 
-def load_dataset(name, root, resolution, train=False, download=False, resize_small=False):
+def load_dataset(name, root, resolution, train=False, download=False, resize_small=False, prompts="agft"):
     """The dataset called `name`: its training split if train, else the split the papers evaluate.
 
     download: let torchvision fetch a missing set where it can. resize_small: resize CIFAR-10/100 and STL-10 to the
-    model resolution in the pipeline (the TGA-ZSR/SAFT convention) instead of feeding them at native resolution."""
+    model resolution in the pipeline (the TGA-ZSR/SAFT convention) instead of feeding them at native resolution.
+    prompts: the convention of PROMPTS that gives the real sets their class names and template (None: agft); the
+    toy world and image folders have their own."""
+    if (prompts or "agft") not in PROMPTS:
+        raise DataError(f"unknown prompt convention '{prompts}' (known: {', '.join(PROMPTS)})")
     if name == TOY_TRAIN or name in TOY_HELDOUT:
         return toy_dataset(name, TOY_TRAIN_SIZE if train else TOY_EVAL_SIZE, seed=TOY_TRAIN_SEED if train else TOY_EVAL_SEED)
     if name == "imagefolder":
@@ -515,7 +611,8 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
         raise DataError(f"{known}: could not read {path} ({type(e).__name__}: {msg}); {where(known)}") from None
     if len(ds) == 0:
         raise DataError(f"{known}: {path} holds no images; {where(known)}")
-    ds.template = SETS[known][2]
+    ds.template, names = PROMPTS[prompts or "agft"][known]
+    ds.classnames = names(ds)
     ds.resize_to = resolution if known == "tinyimagenet" or (known in SMALL_SETS and resize_small) else None
     return ds
 
@@ -609,35 +706,74 @@ def toy_render(a, g, res=TOY_RES):
     return (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
 
 
-TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8}
+TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8, "negation": 0.3}
+TOY_GROUPED = 0.5  # share of a pre-training batch drawn as minimal sets (images that differ in one attribute only)
+TOY_VARIED = {"shape": 4, "position": 2, "colour": 1, "size": 1, "count": 1, "background": 1}  # weights of the varied one
+TOY_PREFIXES = ["a photo of", "an image of", "a picture of", "this is a photo of"]
 
 
-def _toy_caption(a, i, rng, p=TOY_CAPTION_P):
+def toy_minimal_sets(n, g, grouped=TOY_GROUPED, varied=TOY_VARIED):
+    """n attribute draws of which a share `grouped` comes in minimal sets: up to 4 images that agree in every
+    attribute but one, each with a different value of it. Contrastive pre-training on random batches can match
+    most captions from colour, count, size and position alone; a minimal set can only be told apart by its varied
+    attribute, which is how the tiny ViT learns shape within minutes. Returns (attributes, must), where must[i]
+    names the attribute image i's caption has to mention (None outside the sets)."""
+    a = toy_attributes(n, g)
+    must, names, w = [None] * n, list(varied), torch.tensor([float(v) for v in varied.values()])
+    i, end = 0, int(grouped * n)
+    while i < end:
+        attr = names[int(torch.multinomial(w, 1, generator=g))]
+        k = min(4, len(TOY_ATTRS[attr]), end - i)
+        if k < 2:
+            break
+        values = torch.randperm(len(TOY_ATTRS[attr]), generator=g)[:k]
+        for key in a:
+            a[key][i:i + k] = a[key][i]
+        a[attr][i:i + k] = values
+        must[i:i + k] = [attr] * k
+        i += k
+    return a, must
+
+
+def _plural(noun):
+    return noun + ("es" if noun == "cross" else "s")
+
+
+def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
     """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
-    (the noun is replaced by "object" with p["object"]), so the text tower also learns partial descriptions."""
-    m, shape = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]]
-    words = [rng.choice(["a photo of", "an image of", "a picture of"])]
-    adj = [w for w, q in ((TOY_SIZES[a["size"][i]], p["size"]), (list(TOY_COLOURS)[a["colour"][i]], p["colour"]))
-           if rng.random() < q]
-    noun = "object" if rng.random() < p["object"] else shape
+    (the noun is replaced by "object" with p["object"]), and always if it is `must`, so the text tower also learns
+    partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue square"),
+    naming a colour-shape pair the image is not: the non-class prompts of Comp-TGA are in the language it learns."""
+    q = {k: (1.0 if k == must else v) for k, v in p.items()}
+    if must == "shape":
+        q["object"] = 0.0
+    colours = list(TOY_COLOURS)
+    m, shape, colour = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]], colours[a["colour"][i]]
+    words = [rng.choice(TOY_PREFIXES)]
+    adj = [w for w, k in ((TOY_SIZES[a["size"][i]], "size"), (colour, "colour")) if rng.random() < q[k]]
+    noun = "object" if rng.random() < q["object"] else shape
     if m == 1:
         words.append("one" if rng.random() < 0.3 else ("an" if (adj[0] if adj else noun)[0] in "aeiou" else "a"))
         words += adj + [noun]
     else:
-        words += [TOY_COUNTS[m - 1]] + adj + [noun + ("es" if noun == "cross" else "s")]
-    phrases = [w for w, q in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", p["position"]),
-                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", p["background"]))
-               if rng.random() < q]
+        words += [TOY_COUNTS[m - 1]] + adj + [_plural(noun)]
+    phrases = [w for w, k in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", "position"),
+                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", "background"))
+               if rng.random() < q[k]]
     rng.shuffle(phrases)
-    return " ".join(words + phrases) + ("." if rng.random() < 0.5 else "")
+    text = " ".join(words + phrases)
+    if rng.random() < q["negation"]:
+        wrong = rng.choice([(c, s) for c in colours for s in TOY_SHAPES if (c, s) != (colour, shape)])
+        return f"{text}. this is not a photo of a {wrong[0]} {wrong[1]}" + ("." if rng.random() < 0.5 else "")
+    return text + ("." if rng.random() < 0.5 else "")
 
 
-def toy_caption_batch(n, g):
+def toy_caption_batch(n, g, grouped=TOY_GROUPED):
     """n fresh images [n, 3, 32, 32] (float, [0,1]) and their captions, drawn with the torch generator g."""
     import random
-    a = toy_attributes(n, g)
+    a, must = toy_minimal_sets(n, g, grouped)
     rng = random.Random(int(torch.randint(2 ** 62, (), generator=g)))
-    return toy_render(a, g), [_toy_caption(a, i, rng) for i in range(n)]
+    return toy_render(a, g), [_toy_caption(a, i, rng, must[i]) for i in range(n)]
 
 
 class ToyDataset(torch.utils.data.TensorDataset):
@@ -663,35 +799,35 @@ def toy_dataset(task, n, seed, chunk=1024):
 
 
 def toy_descriptions():
-    """SAFT-style descriptions (class name -> list of short descriptions) for every class of every toy task.
+    """SAFT-style descriptions (class name -> list of descriptions) for every class of every toy task.
 
-    Some are phrased in the captions' own grammar, the rest in words the tiny CLIP never saw, the way an LLM's
-    descriptions mix useful and hallucinated ones (SAFT's filtering ranks them against the class name).
+    Six per class describe it in the captions' own language (counts, sizes, positions, the class named), so each
+    is informative; two are in words the tiny CLIP never saw, the way an LLM's descriptions mix useful and
+    hallucinated ones. SAFT's filtering ranks them by their similarity to the bare class name and keeps the top K.
     """
-    looks = {"circle": ["round", "a disc with a smooth curved edge"], "square": ["square", "a block with four equal sides"],
-             "triangle": ["triangular", "a shape with three corners pointing up"],
-             "cross": ["cross-shaped", "a plus sign with four arms"]}
+    looks = {"circle": "a round disc with a smooth curved edge", "square": "a block with four equal sides",
+             "triangle": "a wedge with three corners pointing up", "cross": "a plus sign with four arms"}
     desc = {}
     for name in TOY_TASKS[TOY_TRAIN][1]:
         colour, shape = name.split()
-        desc[name] = [f"a photo of one {name}.", f"an image of two {name}{'es' if shape == 'cross' else 's'}.",
+        desc[name] = [f"a photo of one {name}.", f"an image of two {colour} {_plural(shape)}.",
                       f"a picture of a small {name}.", f"a photo of a large {name}.",
-                      f"a {colour} {looks[shape][0]} object.", f"{looks[shape][1]}, coloured {colour}."]
+                      f"this is a photo of three {colour} {_plural(shape)}.", f"a {name} on a plain background.",
+                      f"{looks[shape]}, tinted {colour}.", f"a glossy {colour} sticker shaped like a {shape}."]
     extra = {
-        "small": ["a tiny object.", "a little shape that covers a small part of the picture.", "small objects."],
-        "large": ["a big object.", "a large shape that fills much of its half of the picture.", "large objects."],
-        "left": ["objects stacked in the left half.", "shapes placed on the left.", "left-hand objects."],
-        "right": ["objects stacked in the right half.", "shapes placed on the right.", "right-hand objects."],
-        "top": ["objects in a row along the top.", "shapes placed at the top.", "objects in the upper half."],
-        "bottom": ["objects in a row along the bottom.", "shapes placed at the bottom.", "objects in the lower half."],
-        **{c: [f"a {c} shape.", f"something coloured {c}.", f"{c} things on a grey background."] for c in TOY_COLOURS},
-        "one object": ["a single object.", "one shape alone.", "only one thing in the picture."],
-        "two objects": ["a pair of objects.", "two copies of the same shape.", "two identical things."],
-        "three objects": ["three objects in a line.", "three copies of the same shape.", "a group of three things."],
+        "small": ["a photo of one small object.", "a picture of three small objects.", "a tiny speck of a thing."],
+        "large": ["a photo of one large object.", "a picture of three large objects.", "a huge bulky thing."],
+        **{p: [f"a photo of one object on the {p} side.", f"a picture of three objects on the {p} side.",
+               f"things gathered toward the {p} edge."] for p in TOY_POSITIONS},
+        **{c: [f"a photo of one {c} object.", f"a picture of three {c} objects.", f"something painted {c}."]
+           for c in TOY_COLOURS},
+        "one object": ["a picture of one large object.", "this is a photo of one small object.", "a lonely single item."],
+        "two objects": ["a picture of two large objects.", "this is a photo of two small objects.", "a matching pair."],
+        "three objects": ["a picture of three large objects.", "this is a photo of three small objects.", "a trio in a row."],
     }
     for task in TOY_HELDOUT:
         attr, classnames, template = TOY_TASKS[task]
         for name in classnames:
-            desc[name] = [template.format(name), f"an image of {template.format(name)[len('a photo of '):]}",
-                          f"a picture of {template.format(name)[len('a photo of '):]}"] + extra[name]
+            tail = template.format(name)[len("a photo of "):]
+            desc[name] = [template.format(name), f"an image of {tail}", f"a picture of {tail}"] + extra[name]
     return desc

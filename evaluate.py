@@ -550,7 +550,7 @@ def average(results, over=None):
 
 # The three papers' evaluation protocols: PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
 # STL-10 are resized to the model resolution before the attack, the sets in the order of the paper's table columns,
-# and the sets the average covers.
+# the sets the average covers, and the class names and prompt templates (data.PROMPTS).
 TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101", "oxford_pets", "flowers102", "dtd",
             "eurosat", "fgvc_aircraft", "imagenet", "caltech101", "caltech256", "stanford_cars", "pcam"]
 SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_pets", "flowers102", "dtd", "eurosat",
@@ -558,11 +558,13 @@ SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_
 PROTOCOLS = {
     # AGFT Tables 1-2: PGD-20, CIFAR/STL attacked at native resolution, the 15 zero-shot sets and their mean
     "agft": dict(steps=20, step_size=1 / 255, resize_before_attack=False, datasets=data.ZERO_SHOT_SETS,
-                 average=data.ZERO_SHOT_SETS),
+                 average=data.ZERO_SHOT_SETS, prompts="agft"),
     # TGA-ZSR / Comp-TGA Tables I-II: PGD-100, everything at 224 px, 16 sets with TinyImageNet, mean over all 16
-    "tga": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=TGA_SETS, average=TGA_SETS),
+    "tga": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=TGA_SETS, average=TGA_SETS,
+                prompts="tga"),
     # SAFT Table 1: as TGA, but TinyImageNet (the training source) is reported apart from the 15-set "zero-shot average"
-    "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:]),
+    "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:],
+                 prompts="saft"),
 }
 SHORT = {"caltech101": "Cal101", "caltech256": "Cal256", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
          "eurosat": "EuroSAT", "fgvc_aircraft": "FGVC", "flowers102": "Flowers", "food101": "Food101",
@@ -644,10 +646,10 @@ def check_datasets(names, data_root, train_set=None):
         raise data.DataError(missing[0][1] + more)
 
 
-def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False):
+def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
     """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
     return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
-                                                                      resize_small=resize_small), max_n)
+                                                                      resize_small=resize_small, prompts=prompts), max_n)
             for n in names}
 
 
@@ -744,13 +746,16 @@ def main(argv=None):
                              "AGFT / FARE (open_clip), see CHECKPOINT_FORMATS")
     add("--protocol", default="agft", choices=list(PROTOCOLS),
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
-             "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average); default agft")
+             "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average), each with its "
+             "paper's class names and prompts; default agft")
     add("--datasets", help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
     add("--download", action="store_true", help="let torchvision download the sets it can")
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
+    add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
+        "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
     add("--attack", default="pgd", help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; or a "
                                          "comma-separated list (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
@@ -787,6 +792,7 @@ def main(argv=None):
         args.steps = 20 if args.toy else proto["steps"]
     if args.resize_before_attack is None:
         args.resize_before_attack = proto["resize_before_attack"] and not args.toy
+    args.prompts = args.prompts or proto["prompts"]
     check_attack_flags(args.eps, args.step_size, args.steps)
     chosen = attack_names(args.attack)
     if args.datasets == "all":
@@ -802,10 +808,10 @@ def main(argv=None):
     if args.checkpoint:
         load_visual(model, args.checkpoint, args.model)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
-                         args.resize_before_attack)
+                         args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
-                "max_per_dataset": args.max_per_dataset}
+                "max_per_dataset": args.max_per_dataset, "prompts": None if args.toy else args.prompts}
     attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # its normalisation buffers too
     if args.save_examples and run.main:  # first: seconds, and they show what the attack does

@@ -35,7 +35,7 @@ from evaluate import UsageError, cli, fmt_eps  # noqa: F401  (the scripts use ha
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
 TOY_WORLD = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
                  epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
-                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50)
+                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
 RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
             "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "save_attention"}
@@ -71,6 +71,9 @@ def training_parser(doc):
     add("--train-set", help="imagenet | tinyimagenet | cifar10 | cifar100 | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
     add("--eval-sets", help="comma-separated zero-shot evaluation sets for the evaluation at the end")
+    add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the training and evaluation "
+        "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
+        "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
     add("--epochs", type=evaluate.positive_int, help="passes over the training set")
     add("--max-steps", type=evaluate.positive_int, help="stop after this many steps instead (overrides --epochs)")
@@ -293,7 +296,7 @@ class TrainLog:
         """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
         model = clip.load(self.args.model, device=self.run.device)
         sets = evaluate.eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution,
-                                      PROBE_N)
+                                      PROBE_N, prompts=getattr(self.args, "prompts", None))
         return {name: (ds, evaluate.text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
 
     @torch.no_grad()
@@ -408,12 +411,13 @@ class Checkpoint:
 
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
-    version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets, prompts and attack
+    (and a version, 2 since robust accuracy counts only images right both clean and attacked)."""
     from clip.toy import toy_cache_path
     weights = toy_cache_path() if args.model == "toy" else args.model
     stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
+    key = [2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed]
+    key = json.dumps(key + ([args.prompts] if getattr(args, "prompts", None) else []))  # toy runs: no prompts
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.isfile(path):
         run.log(f"the pre-trained encoder's results: {path} (cached)")
@@ -430,13 +434,16 @@ def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
 
 
 def final_evaluation(encoder, args, run):
-    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after."""
+    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
+    with the training run's prompt convention (--prompts)."""
     model = clip.load(args.model, device=run.device)
     step = args.eps / 4 if args.toy else 1 / 255
     cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
     attack = evaluate.make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     attack0 = evaluate.make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
-    sets = evaluate.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution)
+    prompts = getattr(args, "prompts", None)
+    sets = evaluate.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution,
+                                  prompts=prompts)
     baseline = None
     f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
@@ -444,7 +451,8 @@ def final_evaluation(encoder, args, run):
     run.log("evaluating the fine-tuned encoder")
     results = evaluate.evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
     over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
-    out = evaluate.report(run, args.model, cfg, results, baseline, over=over)
+    out = evaluate.report(run, args.model, cfg, results, baseline, over=over,
+                          protocol={"prompts": prompts} if prompts else None)
     if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
     unlock_folder(args.out_dir)  # the run is over
@@ -462,10 +470,11 @@ ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)"
 
 def attention_images(args, resolution, n):
     """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
+    prompts = getattr(args, "prompts", None)
     try:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution)
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, prompts=prompts)
     except data.DataError:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True)
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True, prompts=prompts)
     return evaluate.eval_subset(ds, n)
 
 

@@ -32,6 +32,8 @@ import harness
 PAPER = dict(
     model="ViT-B/32",          # paper Sec. 5.1
     train_set="tinyimagenet",  # paper Sec. 5.1
+    prompts="saft",            # class names and prompt templates of the training and evaluation sets: official code
+                               # (TeCoA's dataset files, copied)
     batch_size=128,            # paper Sec. 5.1
     lr=1e-4,                   # paper Sec. 5.1
     epochs=10,                 # paper Sec. 5.1 (Tiny-ImageNet runs)
@@ -51,6 +53,8 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 # Without a descriptions file: an ensemble of plain templates (written here), the first K of them.
+# A class with too few descriptions: this prompt K times, as the authors' code does, whatever the set's template.
+FALLBACK = "This is a photo of a {}"
 TEMPLATES = ["a photo of a {}.", "an image of a {}.", "a picture of a {}.", "This is a photo of a {}.",
              "a close-up photo of a {}.", "a photo of the {}.", "a cropped photo of a {}.", "a bright photo of a {}."]
 
@@ -86,12 +90,12 @@ def normalise(name):
     return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
-def select_descriptions(model, classnames, prompts, desc, k):
+def select_descriptions(model, classnames, desc, k):
     """Each class's top-k descriptions, most relevant first (Eq. 2-3), and the names of the classes that fell back.
 
     Names match after normalising both sides (lower case, '_' and '-' as spaces). Relevance is the cosine between
     a description's text feature and the bare class name's (no template). A class with no match or fewer than k
-    descriptions gets its template prompt k times."""
+    descriptions gets FALLBACK k times."""
     # the official code matches case-sensitively with a raw substring fallback and ranks against the JSON key
     table = {}
     for key, texts in desc.items():
@@ -101,9 +105,9 @@ def select_descriptions(model, classnames, prompts, desc, k):
     feats = clip.encode_text(model, [d for c in ranked for d in c]) if ranked else None
     names = clip.encode_text(model, classnames)
     chosen, fell, i = [], [], 0
-    for name, name_feat, cands, prompt in zip(classnames, names, found, prompts):
+    for name, name_feat, cands in zip(classnames, names, found):
         if len(cands) < k:
-            chosen.append([prompt] * k)
+            chosen.append([FALLBACK.format(name)] * k)
             fell.append(name)
             continue
         score = feats[i:i + len(cands)] @ name_feat
@@ -118,7 +122,7 @@ def setup_method(model, train_set, encoder, args, run):
     if not isinstance(model.visual, clip.model.VisionTransformer):
         raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
                                  f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
-    names, prompts = train_set.classnames, data.prompts(train_set)
+    names = train_set.classnames
     source = args.descriptions
     if source is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
         desc, source = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
@@ -134,10 +138,10 @@ def setup_method(model, train_set, encoder, args, run):
                 f"{args.k} hand-written templates ({', '.join(TEMPLATES[:args.k])})")
         chosen = [[t.format(n) for t in TEMPLATES[:args.k]] for n in names]
     else:
-        chosen, fell = select_descriptions(model, names, prompts, desc, args.k)
+        chosen, fell = select_descriptions(model, names, desc, args.k)
         run.log(f"{args.method}: top {args.k} descriptions per class from {source}; {len(fell)} of "
-                f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to their template prompt"
-                + (f": {', '.join(fell[:8])}{', ...' if len(fell) > 8 else ''}" if fell else ""))
+                f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to \"{FALLBACK}\" "
+                f"{args.k} times" + (f": {', '.join(fell)}" if fell else ""))
     heads = torch.stack([clip.encode_text(model, [c[k] for c in chosen]) for k in range(args.k)]).to(run.device)
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     return SimpleNamespace(heads=heads, attention_text=heads.mean(0), chosen=chosen, f0=f0)
@@ -210,7 +214,8 @@ def main(argv=None):
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

@@ -24,6 +24,7 @@ import harness
 PAPER = dict(
     model="ViT-B/32",       # official code
     train_set="imagenet",   # ImageNet-1k: official README command
+    prompts="tga",          # class names and prompt templates of the training and evaluation sets: official code
     batch_size=256,         # official README command (2 GPUs x 128)
     lr=1e-5,                # the follow-up papers' TeCoA runs; the official code's default 1e-7 is not the paper's
     epochs=10,              # official code
@@ -81,7 +82,8 @@ def main(argv=None):
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")

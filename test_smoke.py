@@ -228,6 +228,36 @@ def test_toy_world_is_deterministic():
         assert not set(ds.classnames) & set(data.toy_dataset(data.TOY_TRAIN, 1, seed=0).classnames)
 
 
+def test_toy_captions_minimal_sets_and_negations():
+    xa, ca = data.toy_caption_batch(256, torch.Generator().manual_seed(3))
+    xb, cb = data.toy_caption_batch(256, torch.Generator().manual_seed(3))
+    assert torch.equal(xa, xb) and ca == cb and xa.shape == (256, 3, 32, 32)  # deterministic from the generator
+    negated = [c for c in ca if ". this is not a photo of a " in c]
+    assert 0.15 < len(negated) / len(ca) < 0.45
+    for c in negated:  # the negated pair is never the image's own colour and shape
+        name = c.split("this is not a photo of a ")[1].rstrip(".")
+        assert name in data.TOY_TASKS[data.TOY_TRAIN][1]
+    a, must = data.toy_minimal_sets(256, torch.Generator().manual_seed(4))
+    i, sets = 0, 0
+    while i < len(must) and must[i]:  # the sets come first, each a run of images with one attribute varied
+        j = i
+        varied, seen = must[i], set()
+        while (j < len(must) and must[j] == varied and int(a[varied][j]) not in seen
+               and all(a[k][j] == a[k][i] for k in a if k != varied)):
+            seen.add(int(a[varied][j]))
+            j += 1
+        assert 2 <= j - i <= 4 and len({int(a[varied][k]) for k in range(i, j)}) == j - i
+        assert all(torch.equal(a[k][i:j], a[k][i].expand(j - i)) for k in a if k != varied)
+        i, sets = j, sets + 1
+    assert sets > 20 and all(m is None for m in must[i:])
+    rng = __import__("random").Random(0)
+    for k, attr in enumerate(must[:40]):  # the varied attribute is always named in the caption
+        value = data.TOY_ATTRS[attr][a[attr][k]]
+        caption = data._toy_caption(a, k, rng, attr)
+        assert (value if attr != "count" or value != "one" else "") in caption or (value == "one" and (
+            " a " in caption or " an " in caption or " one " in caption))
+
+
 # ----------------------------------------------------------------------------- DDP on CPU (gloo)
 
 
@@ -1073,14 +1103,19 @@ def test_device_resize_matches_the_pil_pipeline(tmp_path):
 
 def test_training_on_tinyimagenet_attacks_at_the_model_resolution(tiny_ckpt, tmp_path, monkeypatch):
     write_tiny(tmp_path)  # 64 px images, uint8 out of the loader, resized on the device before the attack
-    seen = []
-    attack = tecoa.train_attack
+    seen, heads = [], []
+    attack, prompts = tecoa.train_attack, data.prompts
     monkeypatch.setattr(tecoa, "train_attack", lambda f, x, *a: seen.append(x.shape) or attack(f, x, *a))
+    monkeypatch.setattr(data, "prompts", lambda ds: heads.append(prompts(ds)) or prompts(ds))  # every text head's
     args = [a.replace("imagefolder", "tinyimagenet")  # as training and evaluation set
             for a in tecoa_args(tiny_ckpt, str(tmp_path), tmp_path / "run", "--no-eval-baseline")]
     tecoa.main(args)
     assert seen == [(4, 3, RES, RES)] * 2
-    assert json.load(open(tmp_path / "run" / "results.json"))["results"]["tinyimagenet"]["n"] == 3
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    assert res["results"]["tinyimagenet"]["n"] == 3
+    # TeCoA's prompts on TinyImageNet (no full stop, lower case), in training and in the final evaluation
+    assert heads == [["This is a photo of a goldfish", "This is a photo of a egyptian cat", "This is a photo of a reel"]] * 2
+    assert res["protocol"]["prompts"] == "tga"
 
 
 def test_tinyimagenet_unknown_wnid_is_one_line_error(tmp_path):
@@ -1131,6 +1166,172 @@ def test_country211_names_through_pycountry(tmp_path, monkeypatch):
     check(load("country211", tmp_path), 3, ["Andorra", "Korea", "Kosovo"], "A photo I took in {}.")
     monkeypatch.setitem(sys.modules, "pycountry", None)  # not installed
     one_line_data_error("pycountry", load, "country211", tmp_path)
+
+
+# ----------------------------------------------------------------------------- prompt conventions
+
+AGFT_TO_TGA = {"agft": "agft", "tga": "tga", "saft": "tga"}  # SAFT's code writes the TGA-ZSR code's strings
+PINNED = {  # set: (class indices or None for all, {convention: the prompts of those classes})
+    "caltech101": (None, {"agft": ["A photo of a person.", "A photo of a leopards.", "A photo of a car side."],
+                          "tga": ["This is a photo of a faces", "This is a photo of a faces easy",
+                                  "This is a photo of a leopards", "This is a photo of a car side"]}),
+    "caltech256": (None, {c: ["A photo of a ak47.", "A photo of a motorbikes.", "A photo of a clutter."]
+                          for c in ("agft", "tga")}),
+    "cifar10": (None, {"agft": ["This is a photo of a airplane.", "This is a photo of a automobile.",
+                                "This is a photo of a bird."],
+                       "tga": ["This is a photo of a airplane", "This is a photo of a automobile",
+                               "This is a photo of a bird"]}),
+    "cifar100": ([1], {"agft": ["This is a photo of a aquarium fish."], "tga": ["This is a photo of a aquarium fish"]}),
+    "dtd": (None, {c: ["A surface with a banded texture.", "A surface with a zig zagged texture."]
+                   for c in ("agft", "tga")}),
+    "eurosat": ([0, 2, 9], {c: ["A centered satellite photo of annual crop land.",
+                                "A centered satellite photo of brushland or shrubland.",
+                                "A centered satellite photo of a sea or a lake."] for c in ("agft", "tga")}),
+    "fgvc_aircraft": (None, {"agft": ["A photo of a Boeing 707-320, a type of aircraft.",
+                                      "A photo of a A300B4, a type of aircraft.",
+                                      "A photo of a Cessna 172, a type of aircraft."],
+                             "tga": ["A photo of a boeing 707-320, a type of aircraft.",
+                                     "A photo of a a300b4, a type of aircraft.",
+                                     "A photo of a cessna 172, a type of aircraft."]}),
+    "flowers102": ([1, 11, 59, 87], {"agft": ["A photo of a hard leaved pocket orchid, a type of flower.",
+                                              "A photo of a colts foot, a type of flower.",
+                                              "A photo of a pink yellow dahlia, a type of flower.",
+                                              "A photo of a cyclamen , a type of flower."],
+                                     "tga": ["A photo of a hard leaved pocket orchid, a type of flower.",
+                                             "A photo of a colts foot, a type of flower.",
+                                             "A photo of a pink yellow dahlia?, a type of flower.",
+                                             "A photo of a cyclamen , a type of flower."]}),
+    "food101": (None, {c: ["A photo of apple pie, a type of food.", "A photo of baby back ribs, a type of food."]
+                       for c in ("agft", "tga")}),
+    "imagenet": ([0, 134, 212, 517], {"agft": ["This is a photo of a tench.", "This is a photo of a crane.",
+                                               "This is a photo of a English setter.", "This is a photo of a crane."],
+                                      "tga": ["This is a photo of a tench", "This is a photo of a crane",
+                                              "This is a photo of a english setter", "This is a photo of a crane"]}),
+    "oxford_pets": (None, {c: ["A photo of a abyssinian, a type of pet.", "A photo of a american bulldog, a type of pet."]
+                           for c in ("agft", "tga")}),
+    "pcam": (None, {"agft": ["This is a photo of healthy lymph node tissue.",
+                             "This is a photo of lymph node tumor tissue."],
+                    "tga": ["Tthis is a photo of healthy lymph node tissue.",  # sic, in their code
+                            "This is a photo of lymph node tumor tissue."]}),
+    "stanford_cars": (None, {"agft": ["A photo of a AM General Hummer SUV.", "A photo of a Acura TL Type S.",
+                                      "A photo of a Ram C/V Cargo Van Minivan."],
+                             "tga": ["A photo of a am general hummer suv.", "A photo of a acura tl type s.",
+                                     "A photo of a ram c/v cargo van minivan."]}),
+    "stl10": ([0, 7], {"agft": ["This is a photo of a airplane.", "This is a photo of a monkey."],
+                       "tga": ["This is a photo of a airplane", "This is a photo of a monkey"]}),
+    "sun397": (None, {"agft": ["This is a photo of a abbey.", "This is a photo of a apartment building outdoor."],
+                      "tga": ["This is a photo of a abbey", "This is a photo of a apartment building outdoor"]}),
+    "tinyimagenet": (None, {"agft": ["This is a photo of a goldfish.", "This is a photo of a Egyptian cat.",
+                                     "This is a photo of a reel."],
+                            "tga": ["This is a photo of a goldfish", "This is a photo of a egyptian cat",
+                                    "This is a photo of a reel"]}),
+    "country211": (None, {"agft": ["A photo I took in Andorra.", "A photo I took in Korea.", "A photo I took in Kosovo."],
+                          "tga": ["A photo I took in Andorra.", "A photo I took in Korea, Republic of.",
+                                  "A photo I took in Kosovo."]}),
+    "imagenet-r": (None, {"agft": ["This is a photo of a goldfish.", "This is a photo of a English setter."],
+                          "tga": ["This is a photo of a goldfish", "This is a photo of a english setter"]}),
+    "imagenet-sketch": (None, {"agft": ["This is a photo of a tench."], "tga": ["This is a photo of a tench"]}),
+}
+
+
+class FakePCAM(torch.utils.data.Dataset):
+    """torchvision's PCAM without h5py: two 96 px images, one per class."""
+
+    def __init__(self, root, transform=None, download=False, split="test"):
+        self.transform = transform
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return self.transform(Image.new("RGB", (96, 96), (90 * i, 80, 40))), i
+
+
+def write_eval_sets(root, monkeypatch):
+    """A tiny copy of every evaluation set, as the data tests above write them (PCAM and pycountry faked)."""
+    for c in ["BACKGROUND_Google", "Faces", "Faces_easy", "Leopards", "car_side"]:
+        write_image(str(root / "caltech101" / "101_ObjectCategories" / c / "image_0001.jpg"))
+    for c in ["001.ak47", "145.motorbikes-101", "257.clutter"]:
+        write_image(str(root / "caltech256" / "256_ObjectCategories" / c / f"{c[:3]}_0001.jpg"))
+    write_cifar(root)
+    write_cifar(root, hundred=True)
+    for c in ["banded", "zig-zagged"]:
+        write_image(str(root / "dtd" / "dtd" / "images" / c / f"{c}_0001.jpg"))
+    write_lines(str(root / "dtd" / "dtd" / "labels" / "test1.txt"), ["banded/banded_0001.jpg", "zig-zagged/zig-zagged_0001.jpg"])
+    for c in data.EUROSAT_FOLDERS:
+        write_image(str(root / "eurosat" / "2750" / c / f"{c}_1.jpg"))
+    base = root / "fgvc-aircraft-2013b" / "data"
+    write_lines(str(base / "variants.txt"), ["707-320", "A300B4", "Cessna 172"])
+    write_lines(str(base / "images_variant_test.txt"), ["0034309 707-320"])
+    write_image(str(base / "images" / "0034309.jpg"))
+    write_image(str(root / "flowers-102" / "jpg" / "image_00001.jpg"))
+    write_mat(str(root / "flowers-102" / "imagelabels.mat"), {"labels": [60]})
+    write_mat(str(root / "flowers-102" / "setid.mat"), {"trnid": [1], "valid": [1], "tstid": [1]})
+    os.makedirs(root / "food-101" / "meta")
+    with open(root / "food-101" / "meta" / "test.json", "w") as f:
+        json.dump({"apple_pie": ["apple_pie/1"], "baby_back_ribs": ["baby_back_ribs/2"]}, f)
+    for p in ["apple_pie/1", "baby_back_ribs/2"]:
+        write_image(str(root / "food-101" / "images" / f"{p}.jpg"))
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    write_image(str(root / "one.JPEG"))
+    for w in wnids:
+        os.makedirs(root / "imagenet" / "val" / w)
+        os.link(root / "one.JPEG", root / "imagenet" / "val" / w / "ILSVRC2012_val_1.JPEG")
+    for sub, w in [("imagenet-r", wnids[212]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+        write_image(str(root / sub / w / "a.jpg"))
+    write_lines(str(root / "oxford-iiit-pet" / "annotations" / "test.txt"), ["Abyssinian_1 1 1 1", "american_bulldog_10 2 2 1"])
+    os.makedirs(root / "oxford-iiit-pet" / "annotations" / "trimaps")
+    for i in ["Abyssinian_1", "american_bulldog_10"]:
+        write_image(str(root / "oxford-iiit-pet" / "images" / f"{i}.jpg"))
+    for xy in "xy":
+        write_lines(str(root / "pcam" / f"camelyonpatch_level_2_split_test_{xy}.h5"), ["faked"])
+    monkeypatch.setattr(torchvision.datasets, "PCAM", FakePCAM)
+    monkeypatch.setitem(sys.modules, "h5py", types.ModuleType("h5py"))
+    try:
+        import scipy.io as sio
+    except ImportError:
+        del PINNED["stanford_cars"]  # torchvision reads its .mat files with scipy
+    else:
+        names = ["AM General Hummer SUV 2000", "Acura TL Type-S 2008", "Ram C/V Cargo Van Minivan 2012"]
+        os.makedirs(root / "stanford_cars" / "devkit")
+        sio.savemat(str(root / "stanford_cars" / "devkit" / "cars_meta.mat"),
+                    {"class_names": np.array(names, dtype=object)[None]})
+        annos = np.array([("00001.jpg", 3), ("00002.jpg", 1)], dtype=[("fname", object), ("class", object)])
+        sio.savemat(str(root / "stanford_cars" / "cars_test_annos_withlabels.mat"), {"annotations": annos[None]})
+        for f in ("00001.jpg", "00002.jpg"):
+            write_image(str(root / "stanford_cars" / "cars_test" / f))
+    folder = root / "stl10_binary"
+    os.makedirs(folder)
+    np.zeros((1, 3, 96, 96), dtype=np.uint8).tofile(folder / "test_X.bin")
+    np.array([8], dtype=np.uint8).tofile(folder / "test_y.bin")
+    write_lines(str(folder / "class_names.txt"), ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey",
+                                                  "ship", "truck"])
+    write_lines(str(root / "SUN397" / "ClassName.txt"), ["/a/abbey", "/a/apartment_building/outdoor"])
+    write_image(str(root / "SUN397" / "a" / "abbey" / "sun_aaa.jpg"))
+    write_tiny(root)
+    for code in ["AD", "KR", "XK"]:
+        write_image(str(root / "country211" / "test" / code / "1.jpg"))
+    monkeypatch.setitem(sys.modules, "pycountry", types.SimpleNamespace(countries=[
+        types.SimpleNamespace(alpha_2="AD", name="Andorra"), types.SimpleNamespace(alpha_2="KR", name="Korea, Republic of")]))
+
+
+def test_every_set_has_each_protocols_prompts(tmp_path, monkeypatch, no_checksums):
+    write_eval_sets(tmp_path, monkeypatch)
+    assert set(PINNED) | {"stanford_cars"} == set(data.ZERO_SHOT_SETS + data.EXTRA_SETS)
+    assert set(data.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in data.PROMPTS.values())
+    for convention, strings in AGFT_TO_TGA.items():
+        for name, (idx, expected) in PINNED.items():
+            ds = load(name, tmp_path, prompts=convention)
+            prompts = data.prompts(ds)
+            assert ([prompts[i] for i in idx] if idx else prompts) == expected[strings], (convention, name)
+            labels = [int(ds[i][1]) for i in range(len(ds))]
+            assert all(0 <= y < len(prompts) for y in labels) and "{}" in ds.template, (convention, name)
+        # Caltech-101: AGFT's "person" is both face folders (100 classes), the others' are 101 folders
+        ds = load("caltech101", tmp_path, prompts=convention)
+        labels = [ds[i][1] for i in range(len(ds))]
+        assert labels == ([0, 0, 1, 2] if convention == "agft" else [0, 1, 2, 3])
+    assert load("imagenet", tmp_path, prompts=None).template == "This is a photo of a {}."  # None: AGFT's
+    one_line_data_error("unknown prompt convention", load, "cifar10", tmp_path, prompts="clip")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -1205,6 +1406,8 @@ def test_evaluate_protocol_end_to_end(tmp_path, monkeypatch, no_checksums):
     write_cifar(tmp_path)
     for c in data.EUROSAT_FOLDERS:
         write_image(str(tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg"), w=64, h=64)
+    heads, text_head = [], evaluate.text_head
+    monkeypatch.setattr(evaluate, "text_head", lambda model, ds: heads.append(data.prompts(ds)) or text_head(model, ds))
     evaluate.main(["--model", str(tmp_path / "tiny.pt"), "--protocol", "tga", "--datasets", "EuroSAT,cifar10",
                    "--data-root", str(tmp_path), "--max-per-dataset", "3", "--steps", "1", "--batch-size", "2",
                    "--workers", "0", "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
@@ -1212,6 +1415,8 @@ def test_evaluate_protocol_end_to_end(tmp_path, monkeypatch, no_checksums):
     assert res["attack"] == {"name": "pgd", "eps": 1 / 255, "step_size": 1 / 255, "steps": 1}
     assert list(res["results"]) == ["eurosat", "cifar10"] and all(r["n"] == 3 for r in res["results"].values())
     assert res["protocol"]["name"] == "tga" and res["protocol"]["resize_before_attack"] is True
+    assert res["protocol"]["prompts"] == "tga" and ["This is a photo of a airplane", "This is a photo of a automobile",
+                                                    "This is a photo of a bird"] in heads  # the protocol's prompts
     assert set(res["average"]) == {"clean", "robust"} and res["average_over"] == ["eurosat", "cifar10"]
 
 # ----------------------------------------------------------------------------- section: PMG-AFT and AGFT
@@ -1384,12 +1589,12 @@ TGA_METHODS = [tga_zsr, comp_tga, saft]
 CLASSES = ["red thing", "green thing", "blue thing"]
 
 
-def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolder"):
+def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolder", template="a photo of a {}."):
     """A tiny ViT CLIP, its pixel-space encoder, the script's parsed args and its method state m."""
     model = model or tiny_clip()
     enc = clip.ImageEncoder(model.visual)
     args = module.get_args(["--model", "tiny", "--train-set", train_set, "--device", "cpu", *flags])
-    ds = SimpleNamespace(classnames=classes, template="a photo of a {}.")
+    ds = SimpleNamespace(classnames=classes, template=template)
     m = module.setup_method(model, ds, enc, args, evaluate.Run(torch.device("cpu"), torch.float32))
     return model, enc, args, m
 
@@ -1499,6 +1704,15 @@ def test_defaults_are_the_papers():
     assert saft.get_args([]).k == 5 and saft.get_args([]).descriptions is None
 
 
+def test_each_script_trains_with_its_papers_prompts():
+    defaults = {tecoa: "tga", pmg_aft: "tga", tga_zsr: "tga", comp_tga: "tga", saft: "saft", agft: "agft"}
+    for module, prompts in defaults.items():
+        assert module.get_args([]).prompts == prompts and module.get_args(["--prompts", "agft"]).prompts == "agft"
+        assert module.get_args(["--toy"]).prompts is None  # the toy world's own prompts
+    with pytest.raises(SystemExit):
+        tecoa.get_args(["--prompts", "clip"])
+
+
 @pytest.mark.parametrize("module", [tga_zsr, comp_tga], ids=lambda m: m.__name__)
 def test_training_attack_is_pgd_on_the_ce_term(module):
     enc, args, m, x, y, t = tga_case(module)
@@ -1513,6 +1727,34 @@ def test_comp_tga_prompts_are_class_and_nonclass():
     model, _, _, m = tga_setup(comp_tga)
     assert torch.equal(m.cls, clip.encode_text(model, [f"This is a photo of a {c}" for c in CLASSES]))
     assert torch.equal(m.non, clip.encode_text(model, [f"This is not a photo of a {c}" for c in CLASSES]))
+    assert torch.equal(m.text, m.cls)  # the classification head too, whatever the set's template ("a photo of a {}.")
+
+
+def test_comp_tga_without_the_nonclass_factor_is_tga_zsr_on_its_class_prompt(monkeypatch):
+    model, enc, args, m = tga_setup(comp_tga)  # the training set's template is "a photo of a {}."
+    _, _, targs, tm = tga_setup(tga_zsr, "--alpha", str(args.alpha), "--beta", str(args.beta), model=model,
+                                template="This is a photo of a {}")
+    assert (targs.alpha, targs.beta) == (args.alpha, args.beta) == (0.10, 0.10)
+    monkeypatch.setattr(clip, "complementary_attention",  # A_cls * (1 - A_non) without the (1 - A_non)
+                        lambda tokens, cls, non, size: clip.text_guided_attention(tokens, cls, size))
+    x, y = tga_batch()
+    with torch.no_grad():
+        t, tt = comp_tga.training_targets(x, y, m, args), tga_zsr.training_targets(x, y, tm, targs)
+    assert torch.equal(t[1], tt[1])
+    nudge(enc)
+    torch.manual_seed(3)
+    x_adv = comp_tga.train_attack(enc, x, t, m, args)
+    torch.manual_seed(3)
+    assert torch.equal(x_adv, tga_zsr.train_attack(enc, x, tt, tm, targs))
+    results = []
+    for module, state, target, a in [(comp_tga, m, t, args), (tga_zsr, tm, tt, targs)]:
+        enc.zero_grad(set_to_none=True)
+        loss, terms = module.loss_fn(enc, x, x_adv, target, state, a)
+        loss.backward()
+        results.append((loss.detach(), terms, [p.grad.clone() for p in enc.parameters()]))
+    (loss, terms, grads), (tloss, tterms, tgrads) = results
+    assert torch.equal(loss, tloss) and all(torch.equal(terms[k], tterms[k]) for k in ("ce", "refine", "constrain"))
+    assert terms["refine"] > 0 and all(torch.equal(g, tg) for g, tg in zip(grads, tgrads))
 
 
 # ----------------------------------------------------------------------------- SAFT's descriptions and heads
@@ -1543,9 +1785,10 @@ def test_saft_fallback_classes_are_matched_normalised_and_counted(tmp_path, caps
     desc = {"Red_Thing": ["a", "b", "c"], "green-thing": ["a", "b"], "yellow thing": ["a", "b", "c"]}
     _, _, args, m = tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")
     out = capsys.readouterr().out
-    assert "2 of 3 classes" in out and "green thing, blue thing" in out
+    assert "2 of 3 classes" in out and 'fell back to "This is a photo of a {}" 3 times: green thing, blue thing' in out
     assert sorted(m.chosen[0]) == ["a", "b", "c"]  # "Red_Thing" matched "red thing"
-    assert m.chosen[1] == ["a photo of a green thing."] * 3 and m.chosen[2] == ["a photo of a blue thing."] * 3
+    # the authors' fallback, not the training set's template ("a photo of a {}.")
+    assert m.chosen[1] == ["This is a photo of a green thing"] * 3 and m.chosen[2] == ["This is a photo of a blue thing"] * 3
 
 
 def test_saft_without_descriptions_says_so_and_uses_templates(capsys):

@@ -28,6 +28,8 @@ import harness
 PAPER = dict(
     model="ViT-B/32",          # paper Sec. IV-A
     train_set="tinyimagenet",  # paper Sec. IV-A
+    prompts="tga",             # class names and prompt templates of the training and evaluation sets: official code
+                               # (TeCoA's dataset files)
     batch_size=128,            # paper Sec. IV-A
     lr=1e-4,                   # paper Sec. IV-A
     epochs=10,                 # official code
@@ -118,7 +120,8 @@ def main(argv=None):
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
-    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True)
+    train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
+                                  prompts=args.prompts)
     m = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
