@@ -970,10 +970,10 @@ def test_imagenet_val_names_and_variants(tmp_path):
     x, y = ds[999]
     assert x.shape == (3, RES, RES) and y == 999
     # ImageNet-R and -Sketch name their wnid folders through the ImageNet copy beside them
-    for sub, w in [("imagenet-r", wnids[134]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+    for sub, w in [("imagenet-r", wnids[134]), ("imagenet-r", wnids[1]), ("sketch", wnids[0]), ("sketch", wnids[2])]:
         write_image(str(tmp_path / sub / w / "a.jpg"))
     check(load("imagenet-r", tmp_path), 2, ["goldfish", "crane"], "This is a photo of a {}.")
-    check(load("ImageNet_Sketch", tmp_path), 1, ["tench"], "This is a photo of a {}.")
+    check(load("ImageNet_Sketch", tmp_path), 2, ["tench", "great white shark"], "This is a photo of a {}.")
     # a training split without the 1000 folders
     write_image(str(tmp_path / "imagenet" / "train" / wnids[0] / "a.JPEG"))
     one_line_data_error("1000", load, "imagenet", tmp_path, train=True)
@@ -981,9 +981,10 @@ def test_imagenet_val_names_and_variants(tmp_path):
 
 def test_imagenet_r_names_from_tiny_words_or_error(tmp_path):
     write_image(str(tmp_path / "imagenet-r" / "n01820546" / "art_0.jpg"))
+    write_image(str(tmp_path / "imagenet-r" / "n01443537" / "art_0.jpg"))
     one_line_data_error("words.txt", load, "imagenet-r", tmp_path)
     write_tiny(tmp_path)
-    check(load("imagenet-r", tmp_path), 1, ["sulphur crested cockatoo"], "This is a photo of a {}.")
+    check(load("imagenet-r", tmp_path), 2, ["goldfish", "sulphur crested cockatoo"], "This is a photo of a {}.")
 
 
 def test_country211_names_through_pycountry(tmp_path, monkeypatch):
