@@ -132,6 +132,50 @@ def scan_images(ds, name, workers=16):
     _SCANNED.add(key)
 
 
+def fingerprint(ds):
+    """A digest of what a dataset holds, for keying caches on content rather than on a folder's path: its classes,
+    template and resizing, which samples (a Subset's indices), and its images: in-memory arrays and labels by their
+    bytes, image files by path relative to their common folder, size and modification time (a file that changes
+    changes the digest; the same files elsewhere do not)."""
+    import hashlib
+    import numpy as np
+    h = hashlib.sha1()
+
+    def add(*parts):
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                part = part.detach().cpu().contiguous().numpy()
+            if isinstance(part, np.ndarray):
+                h.update(f"{part.dtype} {part.shape}".encode())
+                h.update(np.ascontiguousarray(part).tobytes())
+            else:
+                h.update(repr(part).encode())
+            h.update(b"\0")
+    add(list(ds.classnames), ds.template, getattr(ds, "resize_to", None), len(ds))
+    while isinstance(ds, torch.utils.data.Subset):
+        add("subset", list(ds.indices))
+        ds = ds.dataset
+    for attr in ("tensors", "data", "targets", "labels", "_labels"):  # in-memory images, and labels
+        value = getattr(ds, attr, None)
+        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            add(attr, *value)
+        elif isinstance(value, (np.ndarray, torch.Tensor, list)):
+            add(attr, value)
+    samples = getattr(ds, "samples", None) or getattr(ds, "_samples", None)
+    if isinstance(samples, list):
+        add("labels", [t[1] for t in samples if isinstance(t, tuple) and len(t) > 1])
+    files = image_files(ds)
+    folder = getattr(ds, "_base_folder", None)
+    if not files and folder is not None and os.path.isdir(folder):  # e.g. PCAM's .h5 files, read lazily
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+    if files:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        for f in files:
+            st = os.stat(f)
+            add(os.path.relpath(os.path.abspath(f), base), st.st_size, st.st_mtime_ns)
+    return h.hexdigest()
+
+
 def check_classes(ds, name, folders=None, prompts=True):
     """Raise DataError (one line) unless the set has at least two classes whose prompts CLIP can tell apart: two
     class names that give the same tokens (after '_' -> space, case, spacing, or the cut at 77 tokens) name both

@@ -15,7 +15,7 @@ Attacks (`--attack`, see attack_table; SPEC 3): pgd, cw, fgsm, apgd_ce, apgd_dlr
 difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
 target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
 iterative attacks, `--apgd-steps` (default 100) APGD, FAB-T and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
-Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one attack, results.json holds
+Table 6, AGFT_ATTACKS); a comma-separated list runs those; `--attack none` measures clean accuracy alone. With more than one attack, results.json holds
 {"model", "attacks": {attack: config}, "clean": {dataset: acc}, "robust": {dataset: {attack: acc}},
 "average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "raised": {dataset: {attack: images}},
 "checks"}.
@@ -61,14 +61,70 @@ def cli(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'."""
+    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'. A flag whose type is a Range gets
+    its range appended to its help."""
 
     def __init__(self, doc):
         super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    def add_argument(self, *flags, **kw):
+        if isinstance(kw.get("type"), Range) and kw.get("help") != argparse.SUPPRESS:
+            kw["help"] = f"{kw['help']}; {kw['type'].text}" if kw.get("help") else kw["type"].text
+        return super().add_argument(*flags, **kw)
+
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+class Range:
+    """An argparse type: an int or float within [lo, hi] (None: no bound; lo_open/hi_open: bound excluded). NaN and
+    inf are refused; the message says the range: "argument --batch-size: 0 is out of range (an integer >= 1)"."""
+
+    def __init__(self, kind, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        what = "an integer" if kind is int else "a number"
+        if lo is not None and hi is not None:
+            self.text = f"{what} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        elif lo is not None:
+            self.text = f"{what} {'>' if lo_open else '>='} {lo:g}"
+        else:
+            self.text = what if hi is None else f"{what} {'<' if hi_open else '<='} {hi:g}"
+        self.__name__ = what  # argparse's fallback messages name the type
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {self.text}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number ({self.text})")
+        if (self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))) or (
+                self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({self.text})")
+        return value
+
+
+COUNT, POSITIVE, SEED = Range(int, 0), Range(int, 1), Range(int, 0, 2 ** 32 - 1)  # >= 0, >= 1, numpy's seed range
+
+
+def parse_device(text):
+    """auto | cpu | cuda | cuda:N | mps, checked when parsed (cuda:N against the GPUs here, when CUDA is)."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda, cuda:N or mps)")
+
+
+def parse_names(text):
+    """A comma-separated list of names, unchanged; an empty name (a stray or trailing comma) is refused."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty name (a stray comma?); write e.g. cifar10,stl10")
+    return text
 
 
 def parse_eps(text):
@@ -78,6 +134,8 @@ def parse_eps(text):
         value = float(num) / float(den or 1)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number (write e.g. 1/255 or 0.0039)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' is negative")
     if value > 1:
@@ -104,7 +162,7 @@ def training_parser(doc):
     add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
     add("--train-set", help="imagenet | tinyimagenet | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the image folder for --train-set imagefolder)")
-    add("--eval-sets", help="comma-separated zero-shot evaluation sets")
+    add("--eval-sets", type=parse_names, help="comma-separated zero-shot evaluation sets")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
     add("--epochs", type=int)
     add("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
@@ -146,6 +204,15 @@ def check_attack_flags(eps, step_size, steps):
     if step_size > eps > 0:
         raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
                          "cut back by the projection; use a step size <= eps")
+
+
+def require_vit(model_name, method):
+    """UsageError (one line) when `model_name` is known, from its name or file alone, to have a ResNet image tower:
+    TGA-ZSR, Comp-TGA and SAFT build their attention maps from ViT patch tokens. Their get_args call it, so the
+    refusal comes before any download, data scan or pre-training (setup_method checks the built model again)."""
+    if clip.vision_kind(model_name) == "resnet":
+        raise UsageError(f"{method} needs a ViT image encoder: its attention maps are made of patch tokens, which "
+                         f"{model_name} (a ResNet) does not have; use e.g. --model ViT-B/32")
 
 
 # ----------------------------------------------------------------------------- the run: device, precision, processes
@@ -462,12 +529,11 @@ def describe_encoder(sd):
     return f"a {name} image encoder" if name else f"a ViT image encoder (width {width}, {layers} layers, patch {patch}, {res} px)"
 
 
-def load_visual(model, path, model_name):
-    """Load the image encoder of a checkpoint into model.visual and return the checkpoint.
+def checkpoint_encoder(ckpt, path):
+    """(layout, image-encoder state dict in OpenAI's key names) of a checkpoint read by read_checkpoint.
 
-    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
-    which layout it found, and refuses (UsageError) keys it cannot map and encoders of another architecture."""
-    ckpt = read_checkpoint(path)
+    UsageError (one line) for a layout not in CHECKPOINT_FORMATS, keys it cannot map, and weights that are not all
+    finite (NaN or inf: a diverged run). Needs no model, so evaluate.py runs it before loading or downloading one."""
     top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
     found = next(((name, get) for name, test, get in CHECKPOINT_FORMATS if test(top)), None)
     if found is None:
@@ -485,6 +551,38 @@ def load_visual(model, path, model_name):
         more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
         raise UsageError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
                          "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
+    broken = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise UsageError(f"{path}: {name}, but {len(broken)} of its {len(sd)} weight tensors hold NaN or inf "
+                         f"({', '.join(broken[:3])}{more}); the weights are broken (a diverged run?): use an earlier "
+                         "checkpoint")
+    return name, sd
+
+
+def check_encoder_fits(sd, path, model_name, ours=None):
+    """UsageError (one line) when --model names one of OpenAI's architectures and the checkpoint's encoder is
+    recognisably another one (a ViT for a ResNet, ViT-L/14 for ViT-B/32): before that model is downloaded."""
+    if model_name not in clip.available_models():
+        return
+    kind, held = clip.vision_kind(model_name), describe_encoder(sd)
+    named = next((n for n in VIT_NAMES.values() if held == f"a {n} image encoder"), None)
+    vit = "positional_embedding" in sd and "proj" in sd and "conv1.weight" in sd
+    if (kind == "resnet" and not vit) or (kind == "vit" and held == f"a {model_name} image encoder"):
+        return  # a ResNet's exact shapes are compared once the model is built (load_visual)
+    suggest = ours or named or "<its CLIP>"
+    raise UsageError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of --model {model_name} "
+                     f"(a {'ResNet' if kind == 'resnet' else model_name} image encoder); pass --model {suggest}")
+
+
+def load_visual(model, path, model_name, ckpt=None):
+    """Load the image encoder of a checkpoint into model.visual and return the checkpoint (read here unless given).
+
+    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
+    which layout it found, and refuses (UsageError) keys it cannot map, weights that are not finite, and encoders of
+    another architecture."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    name, sd = checkpoint_encoder(ckpt, path)
     expected = model.visual.state_dict()
     if set(sd) != set(expected) or any(sd[k].shape != v.shape for k, v in expected.items() if k in sd):
         if all(k in expected and v.shape == expected[k].shape for k, v in sd.items()):  # our architecture, cut short
@@ -518,7 +616,7 @@ def eval_subset(dataset, max_n, seed=0):
 
 def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", attack0=None):
     """Clean and robust top-1 accuracy (%) of `classifier` on `dataset` (robust: right on the clean image and on the
-    attacked one), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
+    attacked one; attack None: clean accuracy and n alone), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
     can; they do not count), and (with attack0, the same attack at eps 0, run on the first batch) how many
     predictions eps 0 changed (should be 0)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
@@ -529,6 +627,11 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
             pred = classifier(x).argmax(-1)
+        if attack is None:  # --attack none: clean accuracy alone
+            clean += (pred == y).sum().item()
+            n += len(y)
+            progress.update(len(y) * run.world)
+            continue
         if attack0 is not None and n == 0:
             with run.attack_autocast():
                 x0 = attack0(classifier, x, y)
@@ -545,6 +648,8 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         n += len(y)
         progress.update(len(y) * run.world)
     clean, robust, raised, moved, n, eps0_changed = run.all_sum([clean, robust, raised, moved, n, eps0_changed])
+    if attack is None:
+        return {"clean": 100 * clean / max(n, 1), "n": int(n)}
     return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
             "raised": int(raised), "eps0_changed": int(eps0_changed)}
 
@@ -589,9 +694,14 @@ ATTACKS = list(attack_table(0, 0, 0))
 def attack_names(text):
     """'all' (AGFT's table), one name, or a comma-separated list -> [names]; unknown names are a UsageError."""
     names = AGFT_ATTACKS if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if "none" in names and len(names) > 1:
+        raise UsageError(f"--attack {text}: 'none' (clean accuracy alone) goes alone; every attack's table has a "
+                         "clean column already")
+    if names == ["none"]:
+        return names
     unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
-        raise UsageError(f"unknown attack '{','.join(unknown) or text}' (known: {', '.join(ATTACKS)}, all)")
+        raise UsageError(f"unknown attack '{','.join(unknown) or text}' (known: {', '.join(ATTACKS)}, all, none)")
     return names
 
 
@@ -772,6 +882,19 @@ def save_results(run, out, failed, per_attack, protocol=None):
     return out
 
 
+def report_clean(run, model_name, results, names=None, over=None, protocol=None):
+    """--attack none: the clean accuracy row and results.json {"model", "attack": null, "clean": {dataset: acc},
+    "average": {"clean": acc}, "average_over", "n": {dataset: images}, "checks"}."""
+    names = names or averaged(results)
+    over = averaged(results, over)
+    avg = sum(results[n]["clean"] for n in over) / max(len(over), 1)
+    run.log("\n".join(["\nzero-shot top-1 (%), clean images only (--attack none)",
+                       *grid(names, [("clean", [results[n]["clean"] for n in names] + [avg])])]))
+    out = {"model": model_name, "attack": None, "clean": {n: results[n]["clean"] for n in names},
+           "average": {"clean": avg}, "average_over": over, "n": {n: results[n]["n"] for n in names}}
+    return save_results(run, out, [], {}, protocol)
+
+
 def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None):
     """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
 
@@ -790,9 +913,11 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
     return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
 
-def check_datasets(names, data_root, train_set=None):
-    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; cheap
-    (no images read), so scripts can call it before loading the model or training for hours."""
+def check_datasets(names, data_root, train_set=None, scan=True):
+    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
+    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
+    distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
+    so scripts call it before loading the model or training for hours."""
     checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
     missing = []
     for name, train in checks:
@@ -803,6 +928,9 @@ def check_datasets(names, data_root, train_set=None):
     if missing:
         more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
         raise data.DataError(missing[0][1] + more)
+    for name, train in checks if scan else []:
+        if name != data.TOY_TRAIN and name not in data.TOY_HELDOUT:  # the toy sets are generated, not read
+            data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
 
 
 def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False):
@@ -812,26 +940,98 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
             for n in names}
 
 
+@contextlib.contextmanager
+def file_lock(path, run=None):
+    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
+    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (run.log if run else print)(f"waiting for another process that holds {path}.lock")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temporary file in the same folder, flushed to disk, then renamed over the old one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def weights_digest(module):
+    """SHA-1 of a module's parameters and buffers (names, dtypes, shapes and bytes): what it computes, not where it
+    was read from."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def read_cached_results(path, key, names):
+    """(results, None) from a cache file written by baseline_results for this key, else (None, why not) where the
+    file exists but cannot be used (unreadable, not ours, another key, sets missing)."""
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        results = cached["results"]
+        if cached["key"] != key:
+            return None, "it was written for other settings"
+        if sorted(results) != sorted(names) or not all(
+                isinstance(results[n][m], (int, float)) for n in names for m in ("clean", "robust", "n")):
+            return None, "its results do not cover the sets"
+        return results, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+
+
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets and attack (and a
-    version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the contents of what they depend on: the
+    model's weights (weights_digest), each set's data.fingerprint (its images' files by size and modification
+    time, or its in-memory arrays), the attack, seed and precision. The file is written atomically; a
+    single-process run holds a lock while it evaluates, so a second run started meanwhile waits and reads the
+    result; an unreadable or mismatching file is evaluated again and replaced (one line says so)."""
     from clip.toy import toy_cache_path
-    weights = toy_cache_path() if args.model == "toy" else args.model
-    stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = json.dumps([2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed])
-    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    if os.path.isfile(path):
-        run.log(f"the pre-trained encoder's results: {path} (cached)")
-        with open(path) as f:
-            return json.load(f)
-    run.log("evaluating the pre-trained encoder")
-    results = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    if run.main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f)
-        os.replace(path + ".tmp", path)
+    key = {"version": 3, "model": weights_digest(model), "sets": {n: data.fingerprint(ds) for n, ds in sets.items()},
+           "attack": cfg, "seed": args.seed, "dtype": str(run.dtype)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", digest + ".json")
+    key = json.loads(json.dumps(key))  # as it reads back from JSON
+    with file_lock(path, run) if run.world == 1 else contextlib.nullcontext():
+        cached, why = read_cached_results(path, key, list(sets))
+        if why:
+            run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "
+                    "it again")
+        if run.all_sum([cached is not None])[0] == run.world:  # under torchrun, every rank must agree
+            run.log(f"the pre-trained encoder's results: {path} (cached)")
+            return cached
+        run.log("evaluating the pre-trained encoder")
+        results = evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+        if run.main:
+            write_json(path, {"key": key, "results": results})
     return results
 
 
@@ -1041,7 +1241,8 @@ def plot_curves(path, panels, size=(440, 280)):
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv=None):
+def parser():
+    """evaluate.py's flags; every number has a range, checked (one line) when parsed."""
     p = Parser(__doc__)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
@@ -1051,38 +1252,48 @@ def main(argv=None):
     add("--protocol", default="agft", choices=list(PROTOCOLS),
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
              "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average); default agft")
-    add("--datasets", help="comma-separated dataset names (default: the protocol's; 'all' adds "
+    add("--datasets", type=parse_names, help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
     add("--download", action="store_true", help="let torchvision download the sets it can")
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
-    add("--attack", default="pgd", help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; or a "
-                                         "comma-separated list (default pgd)")
+    add("--attack", default="pgd", type=parse_names,
+        help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "
+             "accuracy alone (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
         help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
-    add("--apgd-steps", type=int, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
-    add("--eps", type=parse_eps)
-    add("--step-size", type=parse_eps)
-    add("--steps", type=int, help="attack steps (default: the protocol's)")
-    add("--max-per-dataset", type=int, help="evaluate a fixed, seeded subset of N images per dataset")
-    add("--batch-size", type=int, default=128)
-    add("--workers", type=int, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
+    add("--apgd-steps", type=POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
+    add("--eps", type=parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 8/255 with --toy)")
+    add("--step-size", type=parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
+    add("--steps", type=COUNT, help="attack steps (default: the protocol's)")
+    add("--max-per-dataset", type=POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
+    add("--batch-size", type=POSITIVE, default=128)
+    add("--workers", type=COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
     add("--out-dir", default="runs/eval")
-    add("--save-examples", type=int, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
+    add("--save-examples", type=COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
-    add("--device", default="auto")
+    add("--device", default="auto", type=parse_device, help="auto | cpu | cuda | cuda:N | mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     add("--check", action="store_true", help="also run an eps sweep (eps/2, eps, 2 eps) on 200 images per set and "
                                              "check that robust accuracy never rises with eps")
-    add("--seed", type=int, default=0)
+    add("--seed", type=SEED, default=0)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     proto = PROTOCOLS[args.protocol]
-    ckpt_model = None
-    if args.checkpoint:
+    ckpt = ckpt_model = None
+    if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
         ckpt = read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
+        _, encoder_sd = checkpoint_encoder(ckpt, args.checkpoint)
     args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
+    if args.checkpoint:
+        check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
+        del encoder_sd
     if args.workers is None:
         args.workers = 0 if args.toy else 4
     if args.eps is None:
@@ -1095,10 +1306,13 @@ def main(argv=None):
         args.resize_before_attack = proto["resize_before_attack"] and not args.toy
     check_attack_flags(args.eps, args.step_size, args.steps)
     chosen = attack_names(args.attack)
+    if chosen == ["none"] and (args.check or args.save_examples):
+        raise UsageError(f"--attack none measures clean accuracy alone; {'--check' if args.check else '--save-examples'}"
+                         " needs an attack")
     if args.datasets == "all":
         names = data.ZERO_SHOT_SETS + data.EXTRA_SETS
     elif args.datasets:
-        names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+        names = [n.strip() for n in args.datasets.split(",")]
     else:
         names = data.TOY_HELDOUT if args.toy else proto["datasets"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
@@ -1106,7 +1320,7 @@ def main(argv=None):
     run = setup(args)
     model = clip.load(args.model, device=run.device)
     if args.checkpoint:
-        load_visual(model, args.checkpoint, args.model)
+        load_visual(model, args.checkpoint, args.model, ckpt)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
                          args.resize_before_attack)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
@@ -1117,6 +1331,10 @@ def main(argv=None):
     if args.save_examples and run.main:  # first: seconds, and they show what the attack does
         save_examples(encoder, model, sets, make_attack(chosen[0], **attack_args), args.eps,
                       args.save_examples, run, args.out_dir)
+    if chosen == ["none"]:
+        results = evaluate(encoder, model, sets, None, run, args.batch_size, args.workers)
+        report_clean(run, args.checkpoint or args.model, results, list(sets), over, protocol)
+        return
     if len(chosen) > 1:  # one robust column per attack
         per_attack = evaluate_attacks(encoder, model, sets, chosen, run, args.batch_size, args.workers, **attack_args)
         configs = {a: attack_config(a, **attack_args) for a in chosen}

@@ -172,7 +172,9 @@ def loss_fn(f, x, x_adv, y, m, args):
 def get_args(argv=None):
     p = evaluate.training_parser(__doc__)
     add_method_args(p)
-    return evaluate.finish_args(p.parse_args(argv), "saft", PAPER, TOY)
+    args = evaluate.finish_args(p.parse_args(argv), "saft", PAPER, TOY)
+    evaluate.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
+    return args
 
 
 def main(argv=None):
