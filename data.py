@@ -646,7 +646,7 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
         ds = image_folder(root, resolution)
         check_classes(ds, f"imagefolder {root}", folders=ds.classes)
         if scan:
-            scan_images(ds, f"imagefolder {root}")
+            scan_images(ds, "imagefolder")
         return ds
     check_dataset(name, root, train, download)
     known = canonical_name(name)
