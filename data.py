@@ -97,8 +97,8 @@ def image_problem(path):
                 with Image.open(path) as img:
                     img.load()
     except Exception as e:  # not an image, truncated, unreadable, a decompression bomb
-        text = " ".join(str(e).split()) or type(e).__name__
-        return text.replace(str(path), "").replace("''", "").strip(" :") [:80] or type(e).__name__
+        text = " ".join(str(e).replace(repr(str(path)), "").replace(str(path), "").split()).strip(" :")
+        return text[:80] or type(e).__name__
     return None
 
 
