@@ -46,8 +46,8 @@ TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY
 
 
 def add_method_args(p):
-    p.add_argument("--gamma", type=evaluate.unit_interval, help="temperature-scaling ratio (Eq. 8)")
-    p.add_argument("--inv-tau", type=evaluate.positive, help="training logit scale 1/tau (Eq. 8-9)")
+    p.add_argument("--gamma", type=evaluate.UNIT_INTERVAL, help="temperature-scaling ratio (Eq. 8)")
+    p.add_argument("--inv-tau", type=evaluate.POSITIVE_REAL, help="training logit scale 1/tau (Eq. 8-9)")
 
 
 def setup_method(model, train_set, encoder, args, run):

@@ -165,18 +165,23 @@ def bench_eval(args, run):
     return args.batch_size / (time.perf_counter() - t0)
 
 
-def main(argv=None):
+def parser():
+    """bench.py's flags; every number has a range, checked (one line) when parsed."""
     p = evaluate.Parser(__doc__)
-    p.add_argument("--model", default="ViT-B/32", help=f"toy | {' | '.join(CONFIGS)}")
+    p.add_argument("--model", default="ViT-B/32", choices=["toy", *CONFIGS], help=f"toy | {' | '.join(CONFIGS)}")
     p.add_argument("--method", choices=METHODS, help="one method (default: all six)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--classes", type=int, default=100, help="classes of the synthetic training set")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=evaluate.POSITIVE, default=128)
+    p.add_argument("--classes", type=evaluate.Range(int, 2), default=100, help="classes of the synthetic training set")
+    p.add_argument("--steps", type=evaluate.POSITIVE, default=5, help="timed steps")
+    p.add_argument("--warmup", type=evaluate.COUNT, default=2, help="untimed steps first")
+    p.add_argument("--device", default="auto", type=evaluate.parse_device, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     args.seed, args.out_dir = 0, None
     run = evaluate.setup(args)
     peak = peak_tflops(run.device)

@@ -51,9 +51,9 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of the attention refinement term (adversarial)")
-    p.add_argument("--beta", type=evaluate.non_negative, help="weight of the attention constraint term (clean)")
-    p.add_argument("--save-attention", type=evaluate.count, default=0, metavar="N", help="at the end, write "
+    p.add_argument("--alpha", type=evaluate.NON_NEGATIVE, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=evaluate.NON_NEGATIVE, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=evaluate.COUNT, default=0, metavar="N", help="at the end, write "
                    "attention.png: the text-guided maps of the pre-trained and fine-tuned encoders on N clean and "
                    "adversarial images (0: off)")
 
@@ -61,9 +61,7 @@ def add_method_args(p):
 def setup_method(model, train_set, encoder, args, run):
     """The text features of the training classes' class prompts (T, also A_cls's text) and non-class prompts (encoded
     once), and the frozen pre-trained encoder f0."""
-    if not isinstance(model.visual, clip.model.VisionTransformer):
-        raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
-                                 f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
+    evaluate.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     cls = clip.encode_text(model, [f"This is a photo of a {c}" for c in train_set.classnames]).to(run.device)
     non = clip.encode_text(model, [f"This is not a photo of a {c}" for c in train_set.classnames]).to(run.device)
@@ -120,7 +118,9 @@ def loss_fn(f, x, x_adv, targets, m, args):
 def get_args(argv=None):
     p = harness.training_parser(__doc__)
     add_method_args(p)
-    return harness.parse_args(p, argv, "comp_tga", PAPER, TOY)
+    args = harness.parse_args(p, argv, "comp_tga", PAPER, TOY)
+    evaluate.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
+    return args
 
 
 def main(argv=None):

@@ -37,7 +37,28 @@ def image_transform(resolution):
 
 
 def _rgb(img):
+    return to_rgb(img)
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF); "I" as well
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB. 16-bit grey images (PNG/TIFF mode I;16, or I) are scaled from [0, 65535]: PIL's own
+    convert("RGB") clips them at 255, which makes them almost white."""
+    if img.mode in SIXTEEN_BIT:
+        import numpy as np
+        from PIL import Image
+        grey = np.asarray(img).astype(np.float64).clip(0, 65535) / 257  # 65535 -> 255
+        img = Image.fromarray(grey.round().astype(np.uint8), "L")
     return img.convert("RGB")
+
+
+def load_image(path):
+    """Read an image file as 8-bit RGB (the loader of every image-file set here; see to_rgb)."""
+    from PIL import Image
+    with Image.open(path) as img:
+        return to_rgb(img)
 
 
 def image_folder(root, resolution, template="a photo of a {}.", transform=None):
@@ -46,11 +67,136 @@ def image_folder(root, resolution, template="a photo of a {}.", transform=None):
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root} (expected {root}/<class name>/<images>)")
     try:
-        ds = ImageFolder(root, transform=transform or image_transform(resolution))
+        ds = ImageFolder(root, transform=transform or image_transform(resolution), loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"{root} is not an image folder (expected {root}/<class name>/<images>): {e}") from None
     ds.classnames, ds.template, ds.resize_to = [c.replace("_", " ") for c in ds.classes], template, None
     return ds
+
+
+# --- checks before any model is loaded or any step is trained: every image readable, classes that can be told apart
+
+
+def image_problem(path):
+    """Why the image file cannot be read (a short phrase), or None. Cheap: PIL parses the header only, and the last
+    4 KiB must hold the end marker of a JPEG (FF D9) or PNG (IEND); a file without it (cut short, or with more than
+    4 KiB after its end) is decoded in full to decide."""
+    from PIL import Image
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            fmt = img.format
+        end = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(fmt)
+        if end:
+            with open(path, "rb") as f:
+                f.seek(max(0, size - 4096))
+                tail = f.read()
+            if end not in tail:
+                with Image.open(path) as img:
+                    img.load()
+    except Exception as e:  # not an image, truncated, unreadable, a decompression bomb
+        text = " ".join(str(e).replace(repr(str(path)), "").replace(str(path), "").split()).strip(" :")
+        return text[:80] or type(e).__name__
+    return None
+
+
+def image_files(ds):
+    """The image files a dataset reads (ImageFolder, ImageList and torchvision's file-based sets), or []."""
+    for attr in ("samples", "_samples", "_image_files", "_images"):
+        files = getattr(ds, attr, None)
+        if isinstance(files, list) and files:
+            return [str(f[0] if isinstance(f, tuple) else f) for f in files]
+    return []
+
+
+_SCANNED = set()  # file lists found readable in this process (the scripts check up front, then load again)
+
+
+def scan_images(ds, name, workers=16):
+    """Raise DataError (one line) naming the dataset's unreadable image files and how many there are."""
+    files = image_files(ds)
+    key = hash(tuple(files))
+    if not files or key in _SCANNED:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(workers, len(files))) as pool:
+        problems = [(f, p) for f, p in zip(files, pool.map(image_problem, files, chunksize=64)) if p]
+    if problems:
+        base = os.path.commonpath([os.path.dirname(f) for f in files]) if len(files) > 1 else ""
+        shown = "; ".join(f"{os.path.relpath(f, base) if base else f} ({why})" for f, why in problems[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(f"{name}: {len(problems)} of {len(files)} images cannot be read{f' under {base}' if base else ''}: "
+                        f"{shown}{more}; remove or replace them")
+    _SCANNED.add(key)
+
+
+def fingerprint(ds):
+    """A digest of what a dataset holds, for keying caches on content rather than on a folder's path: its classes,
+    template and resizing, which samples (a Subset's indices), and its images: in-memory arrays and labels by their
+    bytes, image files by path relative to their common folder, size and modification time (a file that changes
+    changes the digest; the same files elsewhere do not)."""
+    import hashlib
+    import numpy as np
+    h = hashlib.sha1()
+
+    def add(*parts):
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                part = part.detach().cpu().contiguous().numpy()
+            if isinstance(part, np.ndarray):
+                h.update(f"{part.dtype} {part.shape}".encode())
+                h.update(np.ascontiguousarray(part).tobytes())
+            else:
+                h.update(repr(part).encode())
+            h.update(b"\0")
+    add(list(ds.classnames), ds.template, getattr(ds, "resize_to", None), len(ds))
+    while isinstance(ds, torch.utils.data.Subset):
+        add("subset", list(ds.indices))
+        ds = ds.dataset
+    for attr in ("tensors", "data", "targets", "labels", "_labels"):  # in-memory images, and labels
+        value = getattr(ds, attr, None)
+        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            add(attr, *value)
+        elif isinstance(value, (np.ndarray, torch.Tensor, list)):
+            add(attr, value)
+    samples = getattr(ds, "samples", None) or getattr(ds, "_samples", None)
+    if isinstance(samples, list):
+        add("labels", [t[1] for t in samples if isinstance(t, tuple) and len(t) > 1])
+    files = image_files(ds)
+    folder = getattr(ds, "_base_folder", None)
+    if not files and folder is not None and os.path.isdir(folder):  # e.g. PCAM's .h5 files, read lazily
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+    if files:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        for f in files:
+            st = os.stat(f)
+            add(os.path.relpath(os.path.abspath(f), base), st.st_size, st.st_mtime_ns)
+    return h.hexdigest()
+
+
+def check_classes(ds, name, folders=None, prompts=True):
+    """Raise DataError (one line) unless the set has at least two classes whose prompts CLIP can tell apart: two
+    class names that give the same tokens (after '_' -> space, case, spacing, or the cut at 77 tokens) name both
+    (folders: the class folders, to name them instead)."""
+    names = list(ds.classnames)
+    if len(names) < 2:
+        raise DataError(f"{name}: {len(names)} class{'es' * (len(names) != 1)} ({', '.join(map(repr, folders or names))}); "
+                        "zero-shot classification needs at least two")
+    if not prompts:
+        return
+    from clip.tokenizer import tokenize
+    tokens = tokenize([ds.template.format(c) for c in names], 77, truncate=True)
+    seen = {}
+    for i, row in enumerate(map(tuple, tokens.tolist())):
+        if row in seen:
+            j = seen[row]
+            what = "folders" if folders else "classes"
+            label = folders or names
+            raise DataError(f"{name}: the {what} {label[j]!r} and {label[i]!r} give the same prompt "
+                            f"{ds.template.format(names[i])!r} for CLIP; rename one of them")
+        seen[row] = i
 
 
 class EpochSampler(Sampler):
@@ -282,10 +428,8 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from PIL import Image
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return self.transform(img.convert("RGB")), label
+        return self.transform(load_image(path)), label
 
 
 def _files(folder, ext=".jpg"):
@@ -579,13 +723,15 @@ def check_dataset(name, root, train=False, download=False):
                             f"(pip install {NEEDS[known]})") from None
 
 
-def load_dataset(name, root, resolution, train=False, download=False, resize_small=False, prompts="agft"):
+def load_dataset(name, root, resolution, train=False, download=False, resize_small=False, prompts="agft", scan=True):
     """The dataset called `name`: its training split if train, else the split the papers evaluate.
 
     download: let torchvision fetch a missing set where it can. resize_small: resize CIFAR-10/100 and STL-10 to the
     model resolution in the pipeline (the TGA-ZSR/SAFT convention) instead of feeding them at native resolution.
     prompts: the convention of PROMPTS that gives the real sets their class names and template (None: agft); the
-    toy world and image folders have their own."""
+    toy world and image folders have their own.
+    Checked before it is returned (DataError, one line): at least two classes, distinct prompts for an image folder,
+    and with scan every image file readable (scan_images)."""
     if (prompts or "agft") not in PROMPTS:
         raise DataError(f"unknown prompt convention '{prompts}' (known: {', '.join(PROMPTS)})")
     if name == TOY_TRAIN or name in TOY_HELDOUT:
@@ -593,7 +739,11 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     if name == "imagefolder":
         if root is None:
             raise DataError("--train-set imagefolder needs --data-root DIR (a DIR/<class name>/<images> tree)")
-        return image_folder(root, resolution)
+        ds = image_folder(root, resolution)
+        check_classes(ds, f"imagefolder {root}", folders=ds.classes)
+        if scan:
+            scan_images(ds, "imagefolder")
+        return ds
     check_dataset(name, root, train, download)
     known = canonical_name(name)
     from torchvision import transforms as T
@@ -614,6 +764,9 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     ds.template, names = PROMPTS[prompts or "agft"][known]
     ds.classnames = names(ds)
     ds.resize_to = resolution if known == "tinyimagenet" or (known in SMALL_SETS and resize_small) else None
+    check_classes(ds, known, prompts=False)  # the papers' own names: ImageNet's "crane" and "maillot" come twice
+    if scan:
+        scan_images(ds, known)
     return ds
 
 

@@ -16,7 +16,7 @@ Attacks (`--attack`, see attack_table): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t
 difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
 target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
 iterative attacks, `--apgd-steps` (default 100) APGD, FAB-T and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
-Table 6, AGFT_ATTACKS); a comma-separated list runs those. With more than one attack, results.json holds
+Table 6, AGFT_ATTACKS); a comma-separated list runs those; `--attack none` measures clean accuracy alone. With more than one attack, results.json holds
 {"model", "attacks": {attack: config}, "clean": {dataset: acc}, "robust": {dataset: {attack: acc}},
 "average": {"clean": acc, "robust": {attack: acc}}, "n": {dataset: images}, "raised": {dataset: {attack: images}},
 "checks"}.
@@ -61,14 +61,73 @@ def cli(main):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'."""
+    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'. A flag whose type is a Range gets
+    its range appended to its help."""
 
     def __init__(self, doc, formatter_class=argparse.RawDescriptionHelpFormatter):
         super().__init__(description=doc, formatter_class=formatter_class)
 
+    def add_argument(self, *flags, **kw):
+        if isinstance(kw.get("type"), Range) and kw.get("help") != argparse.SUPPRESS:
+            kw["help"] = f"{kw['help']}; {kw['type'].text}" if kw.get("help") else kw["type"].text
+        return super().add_argument(*flags, **kw)
+
     def error(self, message):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+class Range:
+    """An argparse type: an int or float within [lo, hi] (None: no bound; lo_open/hi_open: bound excluded). NaN and
+    inf are refused; the message says the range: "argument --batch-size: 0 is out of range (an integer >= 1)"."""
+
+    def __init__(self, kind, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        what = "an integer" if kind is int else "a number"
+        lo_, hi_ = (f"{v:g}" if isinstance(v, float) else str(v) for v in (lo, hi))  # 2 ** 32 - 1 in full
+        if lo is not None and hi is not None:
+            self.text = f"{what} in {'(' if lo_open else '['}{lo_}, {hi_}{')' if hi_open else ']'}"
+        elif lo is not None:
+            self.text = f"{what} {'>' if lo_open else '>='} {lo_}"
+        else:
+            self.text = what if hi is None else f"{what} {'<' if hi_open else '<='} {hi_}"
+        self.__name__ = what  # argparse's fallback messages name the type
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {self.text}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number ({self.text})")
+        if (self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))) or (
+                self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({self.text})")
+        return value
+
+
+# the ranges the flags of evaluate.py, bench.py and the training scripts (harness.py) use
+COUNT, POSITIVE, SEED = Range(int, 0), Range(int, 1), Range(int, 0, 2 ** 32 - 1)  # >= 0, >= 1, numpy's seed range
+POSITIVE_REAL, NON_NEGATIVE, UNIT_INTERVAL = Range(float, 0, lo_open=True), Range(float, 0), Range(float, 0, 1, lo_open=True)
+
+
+def parse_device(text):
+    """auto | cpu | cuda | cuda:N | mps, checked when parsed (cuda:N against the GPUs here, when CUDA is)."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda, cuda:N or mps)")
+
+
+def parse_names(text):
+    """A comma-separated list of names, unchanged; an empty name (a stray or trailing comma) is refused."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty name (a stray comma?); write e.g. cifar10,stl10")
+    return text
 
 
 def parse_eps(text):
@@ -76,10 +135,10 @@ def parse_eps(text):
     try:
         num, _, den = text.partition("/")
         value = float(num) / float(den or 1)
-        if value != value:  # NaN
-            raise ValueError
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number (write e.g. 1/255 or 0.0039)")
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' is negative")
     if value > 1:
@@ -91,41 +150,24 @@ def fmt_eps(value):
     return f"{value * 255:g}/255"
 
 
-def ranged(kind, ok, rule):
-    """An argparse type: `kind` (int or float) for which ok(value) holds, else one line naming the rule. NaN fails
-    every comparison, so every rule refuses it."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {'an integer' if kind is int else 'a number'}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"'{text}' is out of range: it must be {rule}")
-        return value
-    parse.rule = rule
-    return parse
-
-
-positive_int = ranged(int, lambda v: v >= 1, ">= 1")
-count = ranged(int, lambda v: v >= 0, ">= 0")
-positive = ranged(float, lambda v: 0 < v < math.inf, "> 0 and finite")
-non_negative = ranged(float, lambda v: 0 <= v < math.inf, ">= 0 and finite")
-unit_interval = ranged(float, lambda v: 0 < v <= 1, "in (0, 1]")
-
-
-def parse_device(text):
-    """auto, cpu, cuda or cuda:N."""
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda or cuda:N)")
-
-
 def check_attack_flags(eps, step_size, steps):
     if steps < 0:
         raise UsageError(f"attack steps must be >= 0, got {steps}")
     if step_size > eps > 0:
         raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
                          "cut back by the projection; use a step size <= eps")
+
+
+def require_vit(model_name, method, visual=None):
+    """UsageError (one line) when the image tower is a ResNet: TGA-ZSR, Comp-TGA and SAFT build their attention maps
+    from ViT patch tokens. Without `visual`, judged from the model's name or file alone (clip.vision_kind): their
+    get_args call it so, and the refusal comes before any download, data scan or pre-training; their setup_method
+    calls it again with the built model's `visual`, for the files that cannot be told without building them."""
+    resnet = (not isinstance(visual, clip.model.VisionTransformer) if visual is not None
+              else clip.vision_kind(model_name) == "resnet")
+    if resnet:
+        raise UsageError(f"{method} needs a ViT image encoder: its attention maps are made of patch tokens, which "
+                         f"{model_name} (a ResNet) does not have; use e.g. --model ViT-B/32")
 
 
 # ----------------------------------------------------------------------------- the run: device, precision, processes
@@ -297,12 +339,11 @@ def describe_encoder(sd):
     return f"a {name} image encoder" if name else f"a ViT image encoder (width {width}, {layers} layers, patch {patch}, {res} px)"
 
 
-def load_visual(model, path, model_name):
-    """Load the image encoder of a checkpoint into model.visual and return the checkpoint.
+def checkpoint_encoder(ckpt, path):
+    """(layout, image-encoder state dict in OpenAI's key names) of a checkpoint read by read_checkpoint.
 
-    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
-    which layout it found, and refuses (UsageError) keys it cannot map and encoders of another architecture."""
-    ckpt = read_checkpoint(path)
+    UsageError (one line) for a layout not in CHECKPOINT_FORMATS, keys it cannot map, and weights that are not all
+    finite (NaN or inf: a diverged run). Needs no model, so evaluate.py runs it before loading or downloading one."""
     top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
     found = next(((name, get) for name, test, get in CHECKPOINT_FORMATS if test(top)), None)
     if found is None:
@@ -320,6 +361,38 @@ def load_visual(model, path, model_name):
         more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
         raise UsageError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
                          "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
+    broken = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise UsageError(f"{path}: {name}, but {len(broken)} of its {len(sd)} weight tensors hold NaN or inf "
+                         f"({', '.join(broken[:3])}{more}); the weights are broken (a diverged run?): use an earlier "
+                         "checkpoint")
+    return name, sd
+
+
+def check_encoder_fits(sd, path, model_name, ours=None):
+    """UsageError (one line) when --model names one of OpenAI's architectures and the checkpoint's encoder is
+    recognisably another one (a ViT for a ResNet, ViT-L/14 for ViT-B/32): before that model is downloaded."""
+    if model_name not in clip.available_models():
+        return
+    kind, held = clip.vision_kind(model_name), describe_encoder(sd)
+    named = next((n for n in VIT_NAMES.values() if held == f"a {n} image encoder"), None)
+    vit = "positional_embedding" in sd and "proj" in sd and "conv1.weight" in sd
+    if (kind == "resnet" and not vit) or (kind == "vit" and held == f"a {model_name} image encoder"):
+        return  # a ResNet's exact shapes are compared once the model is built (load_visual)
+    suggest = ours or named or "<its CLIP>"
+    raise UsageError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of --model {model_name} "
+                     f"(a {'ResNet' if kind == 'resnet' else model_name} image encoder); pass --model {suggest}")
+
+
+def load_visual(model, path, model_name, ckpt=None):
+    """Load the image encoder of a checkpoint into model.visual and return the checkpoint (read here unless given).
+
+    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
+    which layout it found, and refuses (UsageError) keys it cannot map, weights that are not finite, and encoders of
+    another architecture."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    name, sd = checkpoint_encoder(ckpt, path)
     expected = model.visual.state_dict()
     if set(sd) != set(expected) or any(sd[k].shape != v.shape for k, v in expected.items() if k in sd):
         if all(k in expected and v.shape == expected[k].shape for k, v in sd.items()):  # our architecture, cut short
@@ -328,10 +401,6 @@ def load_visual(model, path, model_name):
         ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
         raise UsageError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
                          f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise UsageError(f"{path}: {name} with non-finite (NaN/inf) weights in {len(broken)} tensors, e.g. {broken[0]}; "
-                         "a diverged run wrote it: use an earlier checkpoint")
     model.visual.load_state_dict(sd)
     print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}", file=sys.stderr)
     return ckpt
@@ -357,7 +426,7 @@ def eval_subset(dataset, max_n, seed=0):
 
 def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", attack0=None):
     """Clean and robust top-1 accuracy (%) of `classifier` on `dataset` (robust: right on the clean image and on the
-    attacked one), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
+    attacked one; attack None: clean accuracy and n alone), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
     can; they do not count), and (with attack0, the same attack at eps 0, run on the first batch) how many
     predictions eps 0 changed (should be 0)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
@@ -368,6 +437,11 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
             pred = classifier(x).argmax(-1)
+        if attack is None:  # --attack none: clean accuracy alone
+            clean += (pred == y).sum().item()
+            n += len(y)
+            progress.update(len(y) * run.world)
+            continue
         if attack0 is not None and n == 0:
             with run.attack_autocast():
                 x0 = attack0(classifier, x, y)
@@ -384,6 +458,8 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         n += len(y)
         progress.update(len(y) * run.world)
     clean, robust, raised, moved, n, eps0_changed = run.all_sum([clean, robust, raised, moved, n, eps0_changed])
+    if attack is None:
+        return {"clean": 100 * clean / max(n, 1), "n": int(n)}
     return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
             "raised": int(raised), "eps0_changed": int(eps0_changed)}
 
@@ -428,9 +504,14 @@ ATTACKS = list(attack_table(0, 0, 0))
 def attack_names(text):
     """'all' (AGFT's table), one name, or a comma-separated list -> [names]; unknown names are a UsageError."""
     names = AGFT_ATTACKS if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    if "none" in names and len(names) > 1:
+        raise UsageError(f"--attack {text}: 'none' (clean accuracy alone) goes alone; every attack's table has a "
+                         "clean column already")
+    if names == ["none"]:
+        return names
     unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
-        raise UsageError(f"unknown attack '{','.join(unknown) or text}' (known: {', '.join(ATTACKS)}, all)")
+        raise UsageError(f"unknown attack '{','.join(unknown) or text}' (known: {', '.join(ATTACKS)}, all, none)")
     return names
 
 
@@ -613,6 +694,19 @@ def save_results(run, out, failed, per_attack, protocol=None):
     return out
 
 
+def report_clean(run, model_name, results, names=None, over=None, protocol=None):
+    """--attack none: the clean accuracy row and results.json {"model", "attack": null, "clean": {dataset: acc},
+    "average": {"clean": acc}, "average_over", "n": {dataset: images}, "checks"}."""
+    names = names or averaged(results)
+    over = averaged(results, over)
+    avg = sum(results[n]["clean"] for n in over) / max(len(over), 1)
+    run.log("\n".join(["\nzero-shot top-1 (%), clean images only (--attack none)",
+                       *grid(names, [("clean", [results[n]["clean"] for n in names] + [avg])])]))
+    out = {"model": model_name, "attack": None, "clean": {n: results[n]["clean"] for n in names},
+           "average": {"clean": avg}, "average_over": over, "n": {n: results[n]["n"] for n in names}}
+    return save_results(run, out, [], {}, protocol)
+
+
 def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None):
     """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
 
@@ -631,9 +725,11 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
     return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
 
-def check_datasets(names, data_root, train_set=None):
-    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; cheap
-    (no images read), so scripts can call it before loading the model or training for hours."""
+def check_datasets(names, data_root, train_set=None, scan=True):
+    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
+    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
+    distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
+    so scripts call it before loading the model or training for hours."""
     checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
     missing = []
     for name, train in checks:
@@ -644,6 +740,9 @@ def check_datasets(names, data_root, train_set=None):
     if missing:
         more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
         raise data.DataError(missing[0][1] + more)
+    for name, train in checks if scan else []:
+        if name != data.TOY_TRAIN and name not in data.TOY_HELDOUT:  # the toy sets are generated, not read
+            data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
 
 
 def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
@@ -651,6 +750,51 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
     return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
                                                                       resize_small=resize_small, prompts=prompts), max_n)
             for n in names}
+
+
+# ----------------------------------------------------------------------------- files: atomic writes and locks
+
+
+@contextlib.contextmanager
+def file_lock(path, run=None):
+    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
+    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (run.log if run else print)(f"waiting for another process that holds {path}.lock")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_atomically(path, write, mode="w"):
+    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
+    the old one, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda f: json.dump(obj, f))
 
 
 # ----------------------------------------------------------------------------- pictures (PNG, drawn with Pillow)
@@ -737,7 +881,8 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
 # ----------------------------------------------------------------------------- command line
 
 
-def main(argv=None):
+def parser():
+    """evaluate.py's flags; every number has a range, checked (one line) when parsed."""
     p = Parser(__doc__)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
@@ -748,7 +893,7 @@ def main(argv=None):
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
              "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average), each with its "
              "paper's class names and prompts; default agft")
-    add("--datasets", help="comma-separated dataset names (default: the protocol's; 'all' adds "
+    add("--datasets", type=parse_names, help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
     add("--download", action="store_true", help="let torchvision download the sets it can")
@@ -756,32 +901,42 @@ def main(argv=None):
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
     add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
         "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
-    add("--attack", default="pgd", help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; or a "
-                                         "comma-separated list (default pgd)")
+    add("--attack", default="pgd", type=parse_names,
+        help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "
+             "accuracy alone (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
         help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
-    add("--apgd-steps", type=int, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
-    add("--eps", type=parse_eps)
-    add("--step-size", type=parse_eps)
-    add("--steps", type=int, help="attack steps (default: the protocol's)")
-    add("--max-per-dataset", type=int, help="evaluate a fixed, seeded subset of N images per dataset")
-    add("--batch-size", type=int, default=128)
-    add("--workers", type=int, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
+    add("--apgd-steps", type=POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
+    add("--eps", type=parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 8/255 with --toy)")
+    add("--step-size", type=parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
+    add("--steps", type=COUNT, help="attack steps (default: the protocol's)")
+    add("--max-per-dataset", type=POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
+    add("--batch-size", type=POSITIVE, default=128)
+    add("--workers", type=COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
     add("--out-dir", default="runs/eval")
-    add("--save-examples", type=int, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
+    add("--save-examples", type=COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
-    add("--device", default="auto")
+    add("--device", default="auto", type=parse_device, help="auto | cpu | cuda | cuda:N | mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     add("--check", action="store_true", help="also run an eps sweep (eps/2, eps, 2 eps) on 200 images per set and "
                                              "check that robust accuracy never rises with eps")
-    add("--seed", type=int, default=0)
+    add("--seed", type=SEED, default=0)
+    return p
+
+
+def main(argv=None):
+    p = parser()
     args = p.parse_args(argv)
     proto = PROTOCOLS[args.protocol]
-    ckpt_model = None
-    if args.checkpoint:
+    ckpt = ckpt_model = None
+    if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
         ckpt = read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
+        _, encoder_sd = checkpoint_encoder(ckpt, args.checkpoint)
     args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
+    if args.checkpoint:
+        check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
+        del encoder_sd
     if args.workers is None:
         args.workers = 0 if args.toy else 4
     if args.eps is None:
@@ -795,10 +950,13 @@ def main(argv=None):
     args.prompts = args.prompts or proto["prompts"]
     check_attack_flags(args.eps, args.step_size, args.steps)
     chosen = attack_names(args.attack)
+    if chosen == ["none"] and (args.check or args.save_examples):
+        raise UsageError(f"--attack none measures clean accuracy alone; {'--check' if args.check else '--save-examples'}"
+                         " needs an attack")
     if args.datasets == "all":
         names = data.ZERO_SHOT_SETS + data.EXTRA_SETS
     elif args.datasets:
-        names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+        names = [n.strip() for n in args.datasets.split(",")]
     else:
         names = data.TOY_HELDOUT if args.toy else proto["datasets"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
@@ -806,7 +964,7 @@ def main(argv=None):
     run = setup(args)
     model = clip.load(args.model, device=run.device)
     if args.checkpoint:
-        load_visual(model, args.checkpoint, args.model)
+        load_visual(model, args.checkpoint, args.model, ckpt)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
                          args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
@@ -817,6 +975,10 @@ def main(argv=None):
     if args.save_examples and run.main:  # first: seconds, and they show what the attack does
         save_examples(encoder, model, sets, make_attack(chosen[0], **attack_args), args.eps,
                       args.save_examples, run, args.out_dir)
+    if chosen == ["none"]:
+        results = evaluate(encoder, model, sets, None, run, args.batch_size, args.workers)
+        report_clean(run, args.checkpoint or args.model, results, list(sets), over, protocol)
+        return
     if len(chosen) > 1:  # one robust column per attack
         per_attack = evaluate_attacks(encoder, model, sets, chosen, run, args.batch_size, args.workers, **attack_args)
         configs = {a: attack_config(a, **attack_args) for a in chosen}

@@ -15,6 +15,7 @@ Evaluation itself (zero-shot heads, attacks, tables, checkpoint formats) is eval
 """
 import argparse
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -42,13 +43,11 @@ RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", 
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help with every flag's default (eps-like values as k/255) and, for numbers, the range it must be in."""
+    """--help with every flag's default (eps-like values as k/255); a number's range is in its help already
+    (evaluate.Parser adds a Range's)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        rule = getattr(action.type, "rule", None)
-        if rule and "must be" not in text:
-            text += f"; must be {rule}"
         if action.default is argparse.SUPPRESS or "default" in text:
             return text
         value = action.default
@@ -70,34 +69,35 @@ def training_parser(doc):
     add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
     add("--train-set", help="imagenet | tinyimagenet | cifar10 | cifar100 | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
-    add("--eval-sets", help="comma-separated zero-shot evaluation sets for the evaluation at the end")
+    add("--eval-sets", type=evaluate.parse_names, help="comma-separated zero-shot evaluation sets for the evaluation "
+                                                        "at the end")
     add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the training and evaluation "
         "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
         "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
-    add("--epochs", type=evaluate.positive_int, help="passes over the training set")
-    add("--max-steps", type=evaluate.positive_int, help="stop after this many steps instead (overrides --epochs)")
-    add("--batch-size", type=evaluate.positive_int, help="global batch size (split across processes under torchrun; "
-                                                         "must divide by their number)")
-    add("--lr", type=evaluate.positive, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
-    add("--warmup-steps", type=evaluate.count, help="linear warm-up steps, then cosine decay to 0 at the last step")
+    add("--epochs", type=evaluate.POSITIVE, help="passes over the training set")
+    add("--max-steps", type=evaluate.POSITIVE, help="stop after this many steps instead (overrides --epochs)")
+    add("--batch-size", type=evaluate.POSITIVE, help="global batch size (split across processes under torchrun; "
+                                                     "must divide by their number)")
+    add("--lr", type=evaluate.POSITIVE_REAL, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
+    add("--warmup-steps", type=evaluate.COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
     add("--eps", type=evaluate.parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
     add("--step-size", type=evaluate.parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
                                                      "--eps (step = eps, as every paper trains; eps/2 under --toy)")
-    add("--attack-steps", type=evaluate.count, help="training attack (PGD) steps")
+    add("--attack-steps", type=evaluate.COUNT, help="training attack (PGD) steps")
     add("--out-dir", help="the folder of this run: checkpoint, log, arguments, curves, results (one run per folder)")
-    add("--save-every", type=evaluate.positive_int, default=1000, help="checkpoint every N steps (and at the end)")
-    add("--log-every", type=evaluate.positive_int, default=10, help="a progress line every N steps")
-    add("--eval-every", type=evaluate.count, help="every N steps, zero-shot clean accuracy on 100 fixed images of each "
+    add("--save-every", type=evaluate.POSITIVE, default=1000, help="checkpoint every N steps (and at the end)")
+    add("--log-every", type=evaluate.POSITIVE, default=10, help="a progress line every N steps")
+    add("--eval-every", type=evaluate.COUNT, help="every N steps, zero-shot clean accuracy on 100 fixed images of each "
                                                   "eval set, for curve.png (0: off)")
     add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     add("--allow-changed-flags", action="store_true", help="with --resume, continue although flags that change "
                                                            "training differ from the stored run's")
-    add("--workers", type=evaluate.count, help="data-loading processes")
-    add("--device", type=evaluate.parse_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    add("--workers", type=evaluate.COUNT, help="data-loading processes")
+    add("--device", type=evaluate.parse_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     add("--compile", action="store_true", help="torch.compile the image encoder")
-    add("--seed", type=evaluate.count, default=0, help="seed of the data order and the attacks' random starts")
+    add("--seed", type=evaluate.SEED, default=0, help="seed of the data order and the attacks' random starts")
     return p
 
 
@@ -357,17 +357,8 @@ class TrainLog:
 
 
 def save_checkpoint(path, obj):
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over the old one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save, atomically (evaluate.write_atomically): a crash mid-write leaves the previous checkpoint."""
+    evaluate.write_atomically(path, lambda f: torch.save(obj, f), "wb")
 
 
 class Checkpoint:
@@ -409,27 +400,62 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- the evaluation at the end of training
 
 
+def weights_digest(module):
+    """SHA-1 of a module's parameters and buffers (names, dtypes, shapes and bytes): what it computes, not where it
+    was read from."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def read_cached_results(path, key, names):
+    """(results, None) from a cache file written by baseline_results for this key, else (None, why not) where the
+    file exists but cannot be used (unreadable, not ours, another key, sets missing)."""
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        results = cached["results"]
+        if cached["key"] != key:
+            return None, "it was written for other settings"
+        if sorted(results) != sorted(names) or not all(
+                isinstance(results[n][m], (int, float)) for n in names for m in ("clean", "robust", "n")):
+            return None, "its results do not cover the sets"
+        return results, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+
+
 def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar) under a key of the model file, sets, prompts and attack
-    (and a version, 2 since robust accuracy counts only images right both clean and attacked)."""
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar, beside the toy CLIP) under a key of the contents of what
+    they depend on: the model's weights (weights_digest: a released CLIP, a --model file or the toy CLIP alike), each
+    set's data.fingerprint (its class names and prompt template, so --prompts too, and its images' files by size and
+    modification time, or its in-memory arrays), the attack, seed and precision. The file is written atomically; a
+    single-process run holds a lock while it evaluates, so a second run started meanwhile waits and reads the
+    result; an unreadable or mismatching file is evaluated again and replaced (one line says so)."""
     from clip.toy import toy_cache_path
-    weights = toy_cache_path() if args.model == "toy" else args.model
-    stamp = os.path.getmtime(weights) if os.path.isfile(weights) else None
-    key = [2, args.model, stamp, args.eval_sets, args.data_root and os.path.abspath(args.data_root), cfg, args.seed]
-    key = json.dumps(key + ([args.prompts] if getattr(args, "prompts", None) else []))  # toy runs: no prompts
-    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    if os.path.isfile(path):
-        run.log(f"the pre-trained encoder's results: {path} (cached)")
-        with open(path) as f:
-            return json.load(f)
-    run.log("evaluating the pre-trained encoder")
-    results = evaluate.evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    if run.main:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f)
-        os.replace(path + ".tmp", path)
+    key = {"version": 3, "model": weights_digest(model), "sets": {n: data.fingerprint(ds) for n, ds in sets.items()},
+           "attack": cfg, "seed": args.seed, "dtype": str(run.dtype)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", digest + ".json")
+    key = json.loads(json.dumps(key))  # as it reads back from JSON
+    with evaluate.file_lock(path, run) if run.world == 1 else contextlib.nullcontext():
+        cached, why = read_cached_results(path, key, list(sets))
+        if why:
+            run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "
+                    "it again")
+        if run.all_sum([cached is not None])[0] == run.world:  # under torchrun, every rank must agree
+            run.log(f"the pre-trained encoder's results: {path} (cached)")
+            return cached
+        run.log("evaluating the pre-trained encoder")
+        results = evaluate.evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+        if run.main:
+            evaluate.write_json(path, {"key": key, "results": results})
     return results
 
 

@@ -48,8 +48,8 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of L_general, KL to the frozen model on x_adv")
-    p.add_argument("--beta", type=evaluate.non_negative, help="weight of L_clean, KL to the model's own clean output")
+    p.add_argument("--alpha", type=evaluate.NON_NEGATIVE, help="weight of L_general, KL to the frozen model on x_adv")
+    p.add_argument("--beta", type=evaluate.NON_NEGATIVE, help="weight of L_clean, KL to the model's own clean output")
 
 
 def setup_method(model, train_set, encoder, args, run):

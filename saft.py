@@ -62,10 +62,10 @@ TEMPLATES = ["a photo of a {}.", "an image of a {}.", "a picture of a {}.", "Thi
 def add_method_args(p):
     p.add_argument("--descriptions", metavar="PATH", help="JSON: class name -> descriptions (SAFT's prompts/*.json); "
                    "without it, hand-written templates, or under --toy the toy world's own descriptions")
-    p.add_argument("--k", type=evaluate.positive_int, help="descriptions kept per class, i.e. text heads")
-    p.add_argument("--alpha", type=evaluate.non_negative, help="weight of the attention refinement term (adversarial)")
-    p.add_argument("--beta", type=evaluate.non_negative, help="weight of the attention constraint term (clean)")
-    p.add_argument("--save-attention", type=evaluate.count, default=0, metavar="N", help="at the end, write "
+    p.add_argument("--k", type=evaluate.POSITIVE, help="descriptions kept per class, i.e. text heads")
+    p.add_argument("--alpha", type=evaluate.NON_NEGATIVE, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=evaluate.NON_NEGATIVE, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=evaluate.COUNT, default=0, metavar="N", help="at the end, write "
                    "attention.png: the text-guided maps of the pre-trained and fine-tuned encoders on N clean and "
                    "adversarial images (0: off)")
 
@@ -119,9 +119,7 @@ def select_descriptions(model, classnames, desc, k):
 def setup_method(model, train_set, encoder, args, run):
     """The K text heads W [K, C, D] (W_k: the k-th ranked description of every class; the CE heads), their mean per
     class for the attention maps (attention_text [C, D]), and the frozen pre-trained encoder f0."""
-    if not isinstance(model.visual, clip.model.VisionTransformer):
-        raise harness.UsageError(f"{args.method} needs a ViT image encoder: its attention maps are made of patch "
-                                 f"tokens, which {args.model} (a ResNet) does not have; use e.g. --model ViT-B/32")
+    evaluate.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     names = train_set.classnames
     source = args.descriptions
     if source is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
@@ -205,7 +203,9 @@ def loss_fn(f, x, x_adv, targets, m, args):
 def get_args(argv=None):
     p = harness.training_parser(__doc__)
     add_method_args(p)
-    return harness.parse_args(p, argv, "saft", PAPER, TOY)
+    args = harness.parse_args(p, argv, "saft", PAPER, TOY)
+    evaluate.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
+    return args
 
 
 def main(argv=None):

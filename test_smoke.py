@@ -360,10 +360,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_fo
 
 
 SCRIPTS = [tecoa, pmg_aft, tga_zsr, comp_tga, saft, agft]
-# values outside each documented range (evaluate.ranged's rules; eps-like flags: in [0, 1]); every flag also gets
-# NaN and a negative number
-OUT_OF_RANGE = {">= 1": ["0"], ">= 0": ["-1"], "> 0 and finite": ["0", "inf"], ">= 0 and finite": ["inf"],
-                "in (0, 1]": ["0", "1.5"], "eps": ["2", "1/0"]}
 
 
 def script_parser(module):
@@ -376,11 +372,10 @@ def script_parser(module):
 def test_every_numeric_flag_refuses_out_of_range_nan_and_negative(module, capsys):
     numeric = 0
     for action in script_parser(module)._actions:
-        if action.type is None or action.type is evaluate.parse_device:
-            continue
         assert action.type not in (int, float), f"{action.option_strings[0]} has no documented range"
-        rule = "eps" if action.type is evaluate.parse_eps else action.type.rule
-        for value in OUT_OF_RANGE[rule] + ["nan", "-3"]:
+        if not (isinstance(action.type, evaluate.Range) or action.type is evaluate.parse_eps):
+            continue
+        for value in filter(None, bad_values(action.type) + ["-3"]):
             err = one_line_error(capsys, module.get_args, [f"{action.option_strings[0]}={value}"])
             assert action.option_strings[0] in err, (value, err)
         numeric += 1
@@ -488,7 +483,7 @@ def test_non_finite_weights_are_never_saved_nor_evaluated(capsys, tiny_ckpt, tin
     err = one_line_error(capsys, evaluate.main, ["--model", tiny_ckpt, "--checkpoint", str(tmp_path / "broken.pt"),
                                                  "--datasets", "imagefolder", "--data-root", tiny_folder, "--device",
                                                  "cpu", "--out-dir", str(tmp_path / "eval")])
-    assert "non-finite" in err and "conv1.weight" in err
+    assert "NaN or inf" in err and "conv1.weight" in err
 
 
 # ----------------------------------------------------------------------------- evaluation sanity checks
@@ -1140,10 +1135,10 @@ def test_imagenet_val_names_and_variants(tmp_path):
     x, y = ds[999]
     assert x.shape == (3, RES, RES) and y == 999
     # ImageNet-R and -Sketch name their wnid folders through the ImageNet copy beside them
-    for sub, w in [("imagenet-r", wnids[134]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+    for sub, w in [("imagenet-r", wnids[134]), ("imagenet-r", wnids[1]), ("sketch", wnids[0]), ("sketch", wnids[2])]:
         write_image(str(tmp_path / sub / w / "a.jpg"))
     check(load("imagenet-r", tmp_path), 2, ["goldfish", "crane"], "This is a photo of a {}.")
-    check(load("ImageNet_Sketch", tmp_path), 1, ["tench"], "This is a photo of a {}.")
+    check(load("ImageNet_Sketch", tmp_path), 2, ["tench", "great white shark"], "This is a photo of a {}.")
     # a training split without the 1000 folders
     write_image(str(tmp_path / "imagenet" / "train" / wnids[0] / "a.JPEG"))
     one_line_data_error("1000", load, "imagenet", tmp_path, train=True)
@@ -1151,9 +1146,10 @@ def test_imagenet_val_names_and_variants(tmp_path):
 
 def test_imagenet_r_names_from_tiny_words_or_error(tmp_path):
     write_image(str(tmp_path / "imagenet-r" / "n01820546" / "art_0.jpg"))
+    write_image(str(tmp_path / "imagenet-r" / "n01443537" / "art_0.jpg"))
     one_line_data_error("words.txt", load, "imagenet-r", tmp_path)
     write_tiny(tmp_path)
-    check(load("imagenet-r", tmp_path), 1, ["sulphur crested cockatoo"], "This is a photo of a {}.")
+    check(load("imagenet-r", tmp_path), 2, ["goldfish", "sulphur crested cockatoo"], "This is a photo of a {}.")
 
 
 def test_country211_names_through_pycountry(tmp_path, monkeypatch):
@@ -1230,7 +1226,8 @@ PINNED = {  # set: (class indices or None for all, {convention: the prompts of t
                                   "A photo I took in Kosovo."]}),
     "imagenet-r": (None, {"agft": ["This is a photo of a goldfish.", "This is a photo of a English setter."],
                           "tga": ["This is a photo of a goldfish", "This is a photo of a english setter"]}),
-    "imagenet-sketch": (None, {"agft": ["This is a photo of a tench."], "tga": ["This is a photo of a tench"]}),
+    "imagenet-sketch": (None, {"agft": ["This is a photo of a tench.", "This is a photo of a goldfish."],
+                               "tga": ["This is a photo of a tench", "This is a photo of a goldfish"]}),
 }
 
 
@@ -1277,7 +1274,7 @@ def write_eval_sets(root, monkeypatch):
     for w in wnids:
         os.makedirs(root / "imagenet" / "val" / w)
         os.link(root / "one.JPEG", root / "imagenet" / "val" / w / "ILSVRC2012_val_1.JPEG")
-    for sub, w in [("imagenet-r", wnids[212]), ("imagenet-r", wnids[1]), ("sketch", wnids[0])]:
+    for sub, w in [("imagenet-r", wnids[212]), ("imagenet-r", wnids[1]), ("sketch", wnids[0]), ("sketch", wnids[1])]:
         write_image(str(root / sub / w / "a.jpg"))
     write_lines(str(root / "oxford-iiit-pet" / "annotations" / "test.txt"), ["Abyssinian_1 1 1 1", "american_bulldog_10 2 2 1"])
     os.makedirs(root / "oxford-iiit-pet" / "annotations" / "trimaps")
@@ -1358,7 +1355,7 @@ def test_check_datasets_names_every_missing_set(tmp_path):
     msg = one_line_data_error("imagenet", evaluate.check_datasets, ["cifar10", "dtd", "ImageNet_R"], str(tmp_path),
                          train_set="imagenet")
     assert msg.endswith("[also missing: dtd, ImageNet_R]") and "train/" in msg
-    evaluate.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10")
+    evaluate.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10", scan=False)  # presence only
 
 
 def test_evaluate_with_no_data_prints_one_line():
@@ -2233,3 +2230,249 @@ def test_curve_without_accuracy_is_the_loss_alone(tiny_ckpt, tiny_folder, tmp_pa
     tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path, "--no-eval-baseline"))
     assert json.load(open(tmp_path / "curve.json"))["clean_accuracy"] == []
     assert Image.open(tmp_path / "curve.png").size == (440, 280)
+
+
+# ----------------------------------------------------------------------------- checked before the work: flags, data,
+# checkpoints and architectures refused in one line before anything is loaded, downloaded or trained; caches
+
+
+def numeric_flags(p):
+    """(flag, type) of every option of a parser whose value is a number."""
+    return [(a.option_strings[-1], a.type) for a in p._actions
+            if isinstance(a.type, evaluate.Range) or a.type is evaluate.parse_eps]
+
+
+def bad_values(kind):
+    """Values out of a number type's range (below it, and above it where bounded), NaN, a negative and inf."""
+    if kind is evaluate.parse_eps:
+        return ["2", "nan", "-1/255", "inf", "1/0"]
+    below = [str(kind.lo if kind.lo_open else kind.lo - 1)] if kind.lo is not None else []
+    above = [str(kind.hi if kind.hi_open else kind.hi + 1)] if kind.hi is not None else []
+    return below + above + ["nan", str(min(-1, kind.lo - 1) if kind.lo is not None else -1), "inf",
+                            "1.5" * (kind.kind is int)]
+
+
+def test_every_number_flag_has_a_range_refused_in_one_line(capsys):
+    import bench
+    for name, p in [("evaluate.py", evaluate.parser()), ("bench.py", bench.parser())]:
+        assert not [a.dest for a in p._actions if a.type in (int, float)], f"{name}: a number flag without a range"
+        flags = numeric_flags(p)
+        assert len(flags) >= (8 if name == "evaluate.py" else 4)
+        for flag, kind in flags:
+            action = next(a for a in p._actions if flag in a.option_strings)
+            if isinstance(kind, evaluate.Range):
+                assert kind.text in action.help, (name, flag)  # documented in --help
+            for value in filter(None, bad_values(kind)):
+                with pytest.raises(SystemExit) as e:
+                    p.parse_args([f"{flag}={value}"])
+                err = capsys.readouterr().err.strip()
+                assert e.value.code != 0 and err.startswith(f"error: argument {flag}") and len(err.splitlines()) == 1, \
+                    (name, flag, value, err)
+        for argv, words in [(["--device", "gpu"], "unknown device"), (["--device", "cuda:x"], "unknown device")]:
+            with pytest.raises(SystemExit):
+                p.parse_args(argv)
+            assert words in capsys.readouterr().err
+    for p, flag in [(evaluate.parser(), "--datasets"), (evaluate.parser(), "--attack"),
+                    (harness.training_parser(""), "--eval-sets")]:
+        for value in ["cifar10,", ",cifar10", "cifar10,,stl10", ""]:
+            with pytest.raises(SystemExit):
+                p.parse_args([f"{flag}={value}"])
+            err = capsys.readouterr().err.strip()
+            assert "empty name" in err and len(err.splitlines()) == 1, (flag, value, err)
+    assert evaluate.parser().parse_args(["--eps", "4/255", "--batch-size", "1", "--workers", "0", "--steps", "0"]).eps \
+        == 4 / 255
+
+
+def test_evaluate_attack_none_is_clean_accuracy_alone(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    ev = ["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+          "--workers", "0", "--out-dir", str(tmp_path)]
+    evaluate.main(ev + ["--attack", "none"])
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["attack"] is None and res["n"] == {"imagefolder": 18} and res["checks"]["passed"]
+    assert "robust" not in res and "clean images only" in capsys.readouterr().out
+    model = clip.load(tiny_ckpt)
+    sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
+    pgd = evaluate.evaluate(clip.ImageEncoder(model.visual), model, sets, evaluate.make_attack("pgd", 1 / 255, 1 / 255, 1),
+                            evaluate.Run(torch.device("cpu"), torch.float32))
+    assert res["clean"]["imagefolder"] == pgd["imagefolder"]["clean"] == res["average"]["clean"]
+    assert "goes alone" in one_line_error(capsys, evaluate.main, ev + ["--attack", "none,pgd"])
+    assert "needs an attack" in one_line_error(capsys, evaluate.main, ev + ["--attack", "none", "--check"])
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """clip.load of a released model and any download fail the test: what is refused must be refused before."""
+    def fail(*a, **k):
+        raise AssertionError("a model was fetched")
+    monkeypatch.setattr(clip.loader, "fetch", fail)
+    monkeypatch.setattr(clip.loader, "download", fail)
+
+
+def test_broken_or_unknown_checkpoints_are_refused_before_any_model_is_loaded(capsys, tiny_folder, tmp_path,
+                                                                              no_downloads, monkeypatch):
+    ev = ["--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu", "--out-dir", str(tmp_path / "e")]
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": {"foo": torch.zeros(1)}}, junk)  # no --model: ViT-B/32 would be downloaded first
+    assert "unknown checkpoint layout" in one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(junk)])
+    bare = tmp_path / "bare.pt"  # an image encoder of no released architecture, without --model
+    torch.save(tiny_clip().visual.state_dict(), bare)
+    err = one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(bare)])
+    assert "not the one of --model ViT-B/32" in err and "pass --model" in err
+    err = one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(bare), "--model", "RN50"])
+    assert "(a ResNet image encoder)" in err
+    monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bad in (float("nan"), float("inf")):  # our layout, and a released one
+        sd = tiny_clip().visual.state_dict()
+        sd["transformer.resblocks.1.mlp.c_fc.weight"][0, 0] = bad
+        for i, ckpt in enumerate([{"visual": sd, "model": "ViT-B/32"}, {"vision_encoder_state_dict": sd}]):
+            path = tmp_path / f"broken{i}.pt"
+            torch.save(ckpt, path)
+            err = one_line_error(capsys, evaluate.main, ev + ["--checkpoint", str(path)])
+            assert "1 of its" in err and "NaN or inf" in err and "c_fc.weight" in err
+    state = tiny_clip().state_dict()  # a whole CLIP file as --model
+    state["text_projection"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan_clip.pt")
+    with pytest.raises(clip.CLIPError, match=r"1 of its \d+ weight tensors hold NaN or inf \(text_projection\)"):
+        clip.loader.load(str(tmp_path / "nan_clip.pt"))
+
+
+def test_resnets_are_refused_before_any_download_scan_or_pretraining(capsys, tiny_folder, tmp_path, no_downloads,
+                                                                      monkeypatch):
+    assert [clip.vision_kind(m) for m in ["RN50", "ViT-B/32", "toy", "nowhere.pt"]] == ["resnet", "vit", "vit", None]
+    resnet, vit = tmp_path / "rn.pt", tmp_path / "vit.pt"
+    torch.save(tiny_clip(vision_layers=(1, 1, 1, 1), vision_width=8, vision_patch_size=None).state_dict(), resnet)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in tiny_clip().state_dict().items()}}, vit)
+    assert clip.vision_kind(str(resnet)) == "resnet" and clip.vision_kind(str(vit)) == "vit"
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data was read"))
+    monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    for module in TGA_METHODS:
+        for model in ["RN50", str(resnet)]:
+            argv = ["--model", model, "--train-set", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+                    "--out-dir", str(tmp_path / "run")]
+            assert "needs a ViT image encoder" in one_line_error(capsys, module.main, argv)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def image_folder_of(root, classes, n=2):
+    for c, name in enumerate(classes):
+        for i in range(n):
+            write_image(str(root / name / f"{i}.png"), value=40 * c + 10 * i)
+    return str(root)
+
+
+def test_16_bit_images_are_scaled_to_01(tmp_path):
+    root = tmp_path / "folder"
+    image_folder_of(root, ["dark", "light"])
+    for name, level in [("dark", 0x4000), ("light", 0xC000)]:  # 16-bit grey PNGs: a quarter and three quarters
+        Image.fromarray(np.full((10, 12), level, np.uint16)).save(root / name / "sixteen.png")
+        assert Image.open(root / name / "sixteen.png").mode == "I;16"
+    ds = data.load_dataset("imagefolder", str(root), RES)
+    got = {ds.classes[y]: x.mean().item() for (x, y), (path, _) in zip(ds, ds.samples) if "sixteen" in path}
+    assert got["dark"] == pytest.approx(0x4000 / 65535, abs=1 / 255) and got["light"] == pytest.approx(0.75, abs=1 / 255)
+    full = Image.fromarray(np.array([[0, 257, 65535]], np.uint16))
+    assert np.asarray(data.to_rgb(full))[0].tolist() == [[0, 0, 0], [1, 1, 1], [255, 255, 255]]
+    assert data.to_rgb(Image.new("RGB", (2, 2), (9, 8, 7))).getpixel((0, 0)) == (9, 8, 7)  # 8-bit: unchanged
+
+
+def test_unreadable_images_are_named_with_a_count_before_any_model_is_loaded(capsys, tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    image_folder_of(root, ["cat", "dog"], n=3)
+    write_image(str(root / "cat" / "big.jpg"), w=64, h=64)
+    blob = (root / "cat" / "big.jpg").read_bytes()
+    (root / "cat" / "cut.jpg").write_bytes(blob[: len(blob) // 2])  # a download that stopped half way
+    (root / "cat" / "trailing.jpg").write_bytes(blob + b"\0" * 5000)  # bytes after the end marker: readable
+    (root / "dog" / "empty.png").write_bytes(b"")
+    (root / "dog" / "notes.jpg").write_text("not an image")
+    png = (root / "dog" / "0.png").read_bytes()
+    (root / "dog" / "cut.png").write_bytes(png[: len(png) // 2])
+    msg = one_line_data_error("4 of 12 images cannot be read", data.load_dataset, "imagefolder", str(root), RES)
+    for name in ["cat/cut.jpg (", "dog/empty.png (empty file)", "dog/notes.jpg (", "dog/cut.png ("]:
+        assert name in msg, (name, msg)
+    assert "trailing" not in msg and "big.jpg" not in msg and "remove or replace them" in msg
+    monkeypatch.setattr(clip, "load", lambda *a, **k: pytest.fail("the model was loaded before the data was checked"))
+    err = one_line_error(capsys, tecoa.main, ["--model", "ViT-B/32", "--train-set", "imagefolder", "--data-root",
+                                              str(root), "--eval-sets", "imagefolder", "--device", "cpu",
+                                              "--out-dir", str(tmp_path / "run")])
+    assert "4 of 12 images cannot be read" in err
+    for f in ["cut.jpg", "notes.jpg", "empty.png", "cut.png"]:
+        for c in ["cat", "dog"]:
+            if (root / c / f).exists():
+                (root / c / f).unlink()
+    assert len(data.load_dataset("imagefolder", str(root), RES)) == 8
+
+
+def test_classes_must_be_two_and_give_distinct_prompts(tmp_path):
+    one_line_data_error(r"1 class \('only_one'\); zero-shot classification needs at least two", data.load_dataset,
+                        "imagefolder", image_folder_of(tmp_path / "one", ["only_one"]), RES)
+    long = "_".join(["x"] * 80)  # past CLIP's 77 tokens, two names that differ only at the end are one prompt
+    for a, b in [("red_thing", "red thing"), ("Red_Thing", "red_thing"), ("red__thing", "red_thing"),
+                 (long + "_cat", long + "_dog")]:
+        root = tmp_path / f"pair{abs(hash(a + b))}"
+        image_folder_of(root, [a, b, "green_thing"])
+        first, second = sorted([a, b])
+        msg = one_line_data_error("give the same prompt", data.load_dataset, "imagefolder", str(root), RES)
+        assert f"folders {first!r} and {second!r}" in msg and "rename one" in msg
+    os.makedirs(tmp_path / "cifar-10-batches-py")  # a set whose classes the papers fix is checked for two classes
+    ds = SimpleNamespace(classnames=["plane"], template="a photo of a {}.")
+    one_line_data_error("1 class", data.check_classes, ds, "cifar10", prompts=False)
+
+
+def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_folder, tmp_path, monkeypatch, capsys):
+    import shutil
+    import threading
+    monkeypatch.setenv("NANOZSAR_CACHE", str(tmp_path / "cache"))
+    model = clip.load(tiny_ckpt)
+    f0, run = clip.ImageEncoder(model.visual), evaluate.Run(torch.device("cpu"), torch.float32)
+    args = SimpleNamespace(seed=0, batch_size=32, workers=0)
+    cfg = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 1}
+    attack = evaluate.make_attack("pgd", 8 / 255, 2 / 255, 1)
+    calls, evaluate_ = [], evaluate.evaluate
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: calls.append(1) or evaluate_(*a, **k))
+
+    def baseline(root):
+        sets = evaluate.eval_datasets(["imagefolder"], str(root), 32)
+        return harness.baseline_results(f0, model, sets, attack, None, cfg, args, run)
+
+    first = baseline(tiny_folder)
+    files = [f for f in os.listdir(tmp_path / "cache" / "baselines") if f.endswith(".json")]
+    assert len(calls) == 1 and len(files) == 1 and baseline(tiny_folder) == first and len(calls) == 1
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_folder, copy)  # the same images elsewhere: the same results
+    assert baseline(copy) == first and len(calls) == 1
+    write_image(str(copy / "red_thing" / "0.png"), w=40, h=48, value=200)  # a changed image: evaluated again
+    os.utime(copy / "red_thing" / "0.png", ns=(1, 1))
+    baseline(copy)
+    assert len(calls) == 2
+    with torch.no_grad():  # other weights: evaluated again
+        model.visual.proj.mul_(2)
+    baseline(tiny_folder)
+    assert len(calls) == 3
+    with torch.no_grad():
+        model.visual.proj.div_(2)
+    path = tmp_path / "cache" / "baselines" / files[0]
+    capsys.readouterr()
+    for garbage in ["{not json", '{"key": 1, "results": {}}', "[]"]:
+        path.write_text(garbage)
+        assert baseline(tiny_folder) == first
+        out = [line for line in capsys.readouterr().out.splitlines() if "not usable" in line]
+        assert len(out) == 1 and str(path) in out[0]
+        assert json.load(open(path))["results"] == first  # rebuilt
+    assert len(calls) == 6 and not [f for f in os.listdir(path.parent) if ".tmp" in f]
+    held, log = threading.Event(), []
+    with evaluate.file_lock(str(path)):  # a second process (here: thread) waits for the lock
+        t = threading.Thread(target=lambda: evaluate.file_lock(str(path), SimpleNamespace(log=log.append)).__enter__()
+                             or held.set())
+        t.start()
+        assert not held.wait(0.3)
+    t.join(5)
+    assert held.is_set() and "waiting for another process" in log[0]
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ci = [line for line in open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["python -m pip install -r requirements.txt pytest", "python -m pytest -q test_smoke.py"]
+    assert all(f"\n{line}\n" in readme for line in ci)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme
+    assert readme.index(ci[0]) < readme.index(ci[1])

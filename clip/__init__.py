@@ -7,12 +7,12 @@
 import torch
 import torch.nn.functional as F
 
-from .loader import CLIPError, available_models, load
+from .loader import CLIPError, available_models, load, vision_kind
 from .model import (CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention,
                     complementary_attention, map_distance)
 from .tokenizer import tokenize
 
-__all__ = ["available_models", "load", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
+__all__ = ["available_models", "load", "vision_kind", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
            "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention",
            "complementary_attention", "map_distance"]
 

@@ -65,6 +65,34 @@ def load(name_or_path, device="cpu", download_root=None):
     return model_from_state_dict(read_state_dict(path), path).to(device).eval()
 
 
+def vision_kind(name_or_path):
+    """'vit' or 'resnet': the image tower of a model name, of "toy", or of a torch.save'd state dict (its keys only,
+    memory-mapped); None when it cannot be told without building the model (a TorchScript file, an unknown name).
+    Downloads nothing, so scripts can refuse an architecture they cannot use before any expensive work."""
+    if name_or_path == "toy":
+        from .toy import TOY_CONFIG
+        return "resnet" if TOY_CONFIG.get("vision_patch_size") is None else "vit"
+    if name_or_path in MODELS:
+        return "resnet" if name_or_path.startswith("RN") else "vit"
+    if not os.path.isfile(name_or_path) or zipfile.is_zipfile(name_or_path) and is_torchscript(name_or_path):
+        return None
+    state_dict = None
+    for mmap in (True, False):  # mmap reads no weights, but needs the zip format of torch.save
+        try:
+            state_dict = torch.load(name_or_path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:
+            continue
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    keys = {str(k).removeprefix("module.") for k in state_dict} if isinstance(state_dict, dict) else set()
+    if "visual.proj" in keys or "visual.class_embedding" in keys:
+        return "vit"
+    if any(k.startswith("visual.attnpool.") for k in keys):
+        return "resnet"
+    return None
+
+
 def read_state_dict(path):
     """A TorchScript archive or a torch.save'd checkpoint -> {name: tensor}."""
     try:
@@ -95,6 +123,11 @@ def model_from_state_dict(state_dict, path):
     if missing:
         raise CLIPError(f"{path} is not a CLIP state dict: it lacks {', '.join(missing)} "
                         f"(it has {len(state_dict)} keys, e.g. {', '.join(list(state_dict)[:3]) or 'none'})")
+    broken = [k for k, v in state_dict.items()
+              if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CLIPError(f"{path}: {len(broken)} of its {len(state_dict)} weight tensors hold NaN or inf "
+                        f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); the weights are broken")
     try:
         return build_model(state_dict)
     except Exception as e:
