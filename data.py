@@ -775,12 +775,12 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
 # for web image-text pairs (pre-training), ImageNet (fine-tuning) and the zero-shot transfer sets (held out).
 # Every image holds 1-3 copies of one shape, all of one colour and one size, grouped in one half of the image, on a
 # grey background with a texture. Images are rendered in batches from signed-distance functions, all in torch, and
-# are a deterministic function of the seed. Fine-tuning labels ("toy", playing ImageNet) are colour x shape over
-# images of the whole world; the held-out zero-shot tasks (playing the transfer sets) never use those labels: three
-# ask about attributes no fine-tuning label names (size, position, count), one groups the fine-tuning classes
-# differently (colour alone, as CIFAR-10's classes group ImageNet's). Background texture is a nuisance attribute:
-# in captions and fragile under attack, but the tiny ViT learns it too unreliably in its 4-minute budget to be a
-# task. Shape is learned only partly (about 30-40% on 4 shapes), which is why it is no held-out task.
+# are a deterministic function of the seed. Fine-tuning labels ("toy", playing ImageNet) are colour x position
+# ("a photo of a red object on the left side.") over images of the whole world; the held-out zero-shot tasks
+# (playing the transfer sets) never use those labels: two ask about attributes no fine-tuning label names (size,
+# count), one groups the fine-tuning classes differently (colour alone, as CIFAR-10's classes group ImageNet's).
+# Shape and background texture are nuisance attributes: in the pictures and the captions, but the tiny ViT does
+# not learn them reliably within its pre-training budget, so no task asks about them.
 
 TOY_RES = 32
 TOY_SHAPES = ["circle", "square", "triangle", "cross"]
@@ -794,11 +794,11 @@ TOY_COUNTS = ["one", "two", "three"]
 TOY_ATTRS = {"shape": TOY_SHAPES, "colour": list(TOY_COLOURS), "size": TOY_SIZES, "position": TOY_POSITIONS,
              "background": TOY_BACKGROUNDS, "count": TOY_COUNTS}
 
-TOY_TRAIN = "toy"  # fine-tuning task: "a photo of a {colour} {shape}." (32 classes)
+TOY_TRAIN = "toy"  # fine-tuning task: "a photo of a {colour} object on the {position} side." (32 classes)
+TOY_TRAIN_NAMES = [f"{c} object on the {p} side" for c in TOY_COLOURS for p in TOY_POSITIONS]
 TOY_TASKS = {  # task -> (attribute, class names, template); class i of a held-out task is value i of its attribute
-    TOY_TRAIN: (None, [f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES], "a photo of a {}."),
+    TOY_TRAIN: (None, TOY_TRAIN_NAMES, "a photo of a {}."),
     "toy_size": ("size", TOY_SIZES, "a photo of a {} object."),
-    "toy_position": ("position", TOY_POSITIONS, "a photo of an object on the {} side."),
     "toy_count": ("count", [f"{c} object{'s' * (i > 0)}" for i, c in enumerate(TOY_COUNTS)], "a photo of {}."),
     "toy_colour": ("colour", list(TOY_COLOURS), "a photo of a {} object."),
 }
@@ -896,7 +896,7 @@ def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
     """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
     (the noun is replaced by "object" with p["object"]), and always if it is `must`, so the text tower also learns
     partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue square"),
-    naming a colour-shape pair the image is not: the non-class prompts of Comp-TGA are in the language it learns."""
+    naming a fine-tuning class the image is not: Comp-TGA's non-class prompts are in the language it learns."""
     q = {k: (1.0 if k == must else v) for k, v in p.items()}
     if must == "shape":
         q["object"] = 0.0
@@ -915,9 +915,10 @@ def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
                if rng.random() < q[k]]
     rng.shuffle(phrases)
     text = " ".join(words + phrases)
-    if rng.random() < q["negation"]:
-        wrong = rng.choice([(c, s) for c in colours for s in TOY_SHAPES if (c, s) != (colour, shape)])
-        return f"{text}. this is not a photo of a {wrong[0]} {wrong[1]}" + ("." if rng.random() < 0.5 else "")
+    if rng.random() < q["negation"]:  # a fine-tuning class the image is not
+        own = int(a["colour"][i]) * len(TOY_POSITIONS) + int(a["position"][i])
+        wrong = rng.choice([n for k, n in enumerate(TOY_TRAIN_NAMES) if k != own])
+        return f"{text}. this is not a photo of a {wrong}" + ("." if rng.random() < 0.5 else "")
     return text + ("." if rng.random() < 0.5 else "")
 
 
@@ -947,36 +948,36 @@ def toy_dataset(task, n, seed, chunk=1024):
     for start in range(0, n, chunk):
         a = toy_attributes(min(chunk, n - start), g)
         images.append((toy_render(a, g) * 255).round().to(torch.uint8))
-        labels.append(a["colour"] * len(TOY_SHAPES) + a["shape"] if attr is None else a[attr])
+        labels.append(a["colour"] * len(TOY_POSITIONS) + a["position"] if attr is None else a[attr])
     return ToyDataset(torch.cat(images), torch.cat(labels), classnames, template)
 
 
 def toy_descriptions():
     """SAFT-style descriptions (class name -> list of descriptions) for every class of every toy task.
 
-    Six per class describe it in the captions' own language (counts, sizes, positions, the class named), so each
-    is informative; two are in words the tiny CLIP never saw, the way an LLM's descriptions mix useful and
+    Six per class describe it in the captions' own language (counts, sizes, the class named), so each is
+    informative; two are in words the tiny CLIP never saw, the way an LLM's descriptions mix useful and
     hallucinated ones. SAFT's filtering ranks them by their similarity to the bare class name and keeps the top K.
     """
-    looks = {"circle": "a round disc with a smooth curved edge", "square": "a block with four equal sides",
-             "triangle": "a wedge with three corners pointing up", "cross": "a plus sign with four arms"}
+    side = {"left": "the left half", "right": "the right half", "top": "the upper half", "bottom": "the lower half"}
     desc = {}
-    for name in TOY_TASKS[TOY_TRAIN][1]:
-        colour, shape = name.split()
-        desc[name] = [f"a photo of one {name}.", f"an image of two {colour} {_plural(shape)}.",
+    for name in TOY_TRAIN_NAMES:
+        colour, where = name.split()[0], name.split()[-2]
+        desc[name] = [f"a photo of one {name}.", f"an image of two {colour} objects on the {where} side.",
                       f"a picture of a small {name}.", f"a photo of a large {name}.",
-                      f"this is a photo of three {colour} {_plural(shape)}.", f"a {name} on a plain background.",
-                      f"{looks[shape]}, tinted {colour}.", f"a glossy {colour} sticker shaped like a {shape}."]
+                      f"this is a photo of three {colour} objects on the {where} side.",
+                      f"a {colour} shape on the {where} side on a plain background.",
+                      f"something painted {colour}, gathered in {side[where]} of the frame.",
+                      f"a glossy {colour} sticker toward the {where} edge."]
     extra = {
         "small": ["a photo of one small object.", "a picture of three small objects.", "a tiny speck of a thing."],
         "large": ["a photo of one large object.", "a picture of three large objects.", "a huge bulky thing."],
-        **{p: [f"a photo of one object on the {p} side.", f"a picture of three objects on the {p} side.",
-               f"things gathered toward the {p} edge."] for p in TOY_POSITIONS},
         **{c: [f"a photo of one {c} object.", f"a picture of three {c} objects.", f"something painted {c}."]
            for c in TOY_COLOURS},
         "one object": ["a picture of one large object.", "this is a photo of one small object.", "a lonely single item."],
         "two objects": ["a picture of two large objects.", "this is a photo of two small objects.", "a matching pair."],
-        "three objects": ["a picture of three large objects.", "this is a photo of three small objects.", "a trio in a row."],
+        "three objects": ["a picture of three large objects.", "this is a photo of three small objects.",
+                          "a trio in a row."],
     }
     for task in TOY_HELDOUT:
         attr, classnames, template = TOY_TASKS[task]
