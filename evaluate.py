@@ -740,6 +740,7 @@ def parser():
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    harness.check_out_dir(p, args.out_dir)
     proto = PROTOCOLS[args.protocol]
     ckpt = ckpt_model = None
     if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded

@@ -416,6 +416,8 @@ def test_cross_flag_rules_and_the_output_folder_give_one_line(capsys, tmp_path):
                         (["--gamma", "1.01"], "(0, 1]")]:
         assert words in one_line_error(capsys, agft.get_args, argv), argv
     assert agft.get_args(["--eps", "0", "--attack-steps", "2"]).step_size == 0  # no attack: clean fine-tuning
+    for argv, words in [(["--out-dir", ""], "--out-dir is empty"), (["--out-dir", str(a_file)], "is a file")]:
+        assert words in one_line_error(capsys, evaluate.main, ["--toy", *argv]), argv  # the same check
 
 
 def test_refused_runs_write_nothing_and_resume_names_changed_flags(capsys, tiny_ckpt, tiny_folder, tmp_path,
