@@ -20,7 +20,7 @@ from torch.utils.flop_counter import flop_registry
 
 import attacks
 import clip
-import evaluate
+import harness
 
 METHODS = ["tecoa", "pmg_aft", "tga_zsr", "comp_tga", "saft", "agft"]
 # OpenAI's architectures (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -80,7 +80,7 @@ def build(name, device):
         from clip.toy import TOY_CONFIG
         return clip.CLIP(**TOY_CONFIG).to(device).eval()
     if name not in CONFIGS:
-        raise evaluate.UsageError(f"unknown --model {name} (known: toy, {', '.join(CONFIGS)})")
+        raise harness.UsageError(f"unknown --model {name} (known: toy, {', '.join(CONFIGS)})")
     return clip.CLIP(*CONFIGS[name]).to(device).eval()
 
 
@@ -167,14 +167,14 @@ def bench_eval(args, run):
 
 def parser():
     """bench.py's flags; every number has a range, checked (one line) when parsed."""
-    p = evaluate.Parser(__doc__)
+    p = harness.Parser(__doc__)
     p.add_argument("--model", default="ViT-B/32", choices=["toy", *CONFIGS], help=f"toy | {' | '.join(CONFIGS)}")
     p.add_argument("--method", choices=METHODS, help="one method (default: all six)")
-    p.add_argument("--batch-size", type=evaluate.POSITIVE, default=128)
-    p.add_argument("--classes", type=evaluate.Range(int, 2), default=100, help="classes of the synthetic training set")
-    p.add_argument("--steps", type=evaluate.POSITIVE, default=5, help="timed steps")
-    p.add_argument("--warmup", type=evaluate.COUNT, default=2, help="untimed steps first")
-    p.add_argument("--device", default="auto", type=evaluate.parse_device, help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--batch-size", type=harness.POSITIVE, default=128)
+    p.add_argument("--classes", type=harness.Range(int, 2), default=100, help="classes of the synthetic training set")
+    p.add_argument("--steps", type=harness.POSITIVE, default=5, help="timed steps")
+    p.add_argument("--warmup", type=harness.COUNT, default=2, help="untimed steps first")
+    p.add_argument("--device", default="auto", type=harness.parse_device, help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true")
     return p
@@ -183,7 +183,7 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     args.seed, args.out_dir = 0, None
-    run = evaluate.setup(args)
+    run = harness.setup_run(args)
     peak = peak_tflops(run.device)
     rows = [bench_method(mth, args, run) for mth in ([args.method] if args.method else METHODS)]
     print(f"\n{args.model}, batch {args.batch_size}, {run.device} ({torch.cuda.get_device_name(run.device) if run.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
@@ -199,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    evaluate.cli(main)
+    harness.cli(main)

@@ -1,5 +1,5 @@
-"""Zero-shot clean and robust accuracy of CLIP: the evaluation command, and what it shares with the training harness
-(harness.py): errors and flags, the run (processes, device, precision), checkpoint formats, pictures.
+"""Zero-shot clean and robust accuracy of CLIP: the evaluation command, and all the evaluation the training scripts
+share: protocols, attacks table, result tables, checkpoint formats, pictures, the evaluation at the end of training.
 
     python evaluate.py --toy --checkpoint runs/tecoa-toy/ckpt.pt     # toy world, offline
     python evaluate.py --model ViT-B/32 --checkpoint runs/tecoa/ckpt.pt --data-root /data --datasets cifar10,stl10
@@ -22,246 +22,19 @@ Table 6, AGFT_ATTACKS); a comma-separated list runs those; `--attack none` measu
 "checks"}.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import attacks
 import clip
 import data
-
-# ----------------------------------------------------------------------------- errors and flags
-
-
-class UsageError(Exception):
-    """Bad flags or input; the message is one line saying what is wrong and how to fix it."""
-
-
-def cli(main):
-    """Run main(); a known failure prints one line (no traceback) and exits with status 1."""
-    try:
-        main()
-    except (UsageError, clip.CLIPError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'. A flag whose type is a Range gets
-    its range appended to its help."""
-
-    def __init__(self, doc, formatter_class=argparse.RawDescriptionHelpFormatter):
-        super().__init__(description=doc, formatter_class=formatter_class)
-
-    def add_argument(self, *flags, **kw):
-        if isinstance(kw.get("type"), Range) and kw.get("help") != argparse.SUPPRESS:
-            kw["help"] = f"{kw['help']}; {kw['type'].text}" if kw.get("help") else kw["type"].text
-        return super().add_argument(*flags, **kw)
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class Range:
-    """An argparse type: an int or float within [lo, hi] (None: no bound; lo_open/hi_open: bound excluded). NaN and
-    inf are refused; the message says the range: "argument --batch-size: 0 is out of range (an integer >= 1)"."""
-
-    def __init__(self, kind, lo=None, hi=None, lo_open=False, hi_open=False):
-        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
-        what = "an integer" if kind is int else "a number"
-        lo_, hi_ = (f"{v:g}" if isinstance(v, float) else str(v) for v in (lo, hi))  # 2 ** 32 - 1 in full
-        if lo is not None and hi is not None:
-            self.text = f"{what} in {'(' if lo_open else '['}{lo_}, {hi_}{')' if hi_open else ']'}"
-        elif lo is not None:
-            self.text = f"{what} {'>' if lo_open else '>='} {lo_}"
-        else:
-            self.text = what if hi is None else f"{what} {'<' if hi_open else '<='} {hi_}"
-        self.__name__ = what  # argparse's fallback messages name the type
-
-    def __call__(self, text):
-        try:
-            value = self.kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not {self.text}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number ({self.text})")
-        if (self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))) or (
-                self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))):
-            raise argparse.ArgumentTypeError(f"{text} is out of range ({self.text})")
-        return value
-
-
-# the ranges the flags of evaluate.py, bench.py and the training scripts (harness.py) use
-COUNT, POSITIVE, SEED = Range(int, 0), Range(int, 1), Range(int, 0, 2 ** 32 - 1)  # >= 0, >= 1, numpy's seed range
-POSITIVE_REAL, NON_NEGATIVE, UNIT_INTERVAL = Range(float, 0, lo_open=True), Range(float, 0), Range(float, 0, 1, lo_open=True)
-
-
-def parse_device(text):
-    """auto | cpu | cuda | cuda:N | mps, checked when parsed (cuda:N against the GPUs here, when CUDA is)."""
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
-        if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s), "
-                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-        return text
-    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda, cuda:N or mps)")
-
-
-def parse_names(text):
-    """A comma-separated list of names, unchanged; an empty name (a stray or trailing comma) is refused."""
-    names = [n.strip() for n in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"'{text}' has an empty name (a stray comma?); write e.g. cifar10,stl10")
-    return text
-
-
-def parse_eps(text):
-    """'1/255' or a float in [0, 1]. A bare number > 1 such as '4' is refused: it almost surely meant 4/255."""
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den or 1)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number (write e.g. 1/255 or 0.0039)")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is negative")
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is above 1 in [0,1] pixel units: did you mean {text}/255?")
-    return value
-
-
-def fmt_eps(value):
-    return f"{value * 255:g}/255"
-
-
-def check_attack_flags(eps, step_size, steps):
-    if steps < 0:
-        raise UsageError(f"attack steps must be >= 0, got {steps}")
-    if step_size > eps > 0:
-        raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
-                         "cut back by the projection; use a step size <= eps")
-
-
-def require_vit(model_name, method, visual=None):
-    """UsageError (one line) when the image tower is a ResNet: TGA-ZSR, Comp-TGA and SAFT build their attention maps
-    from ViT patch tokens. Without `visual`, judged from the model's name or file alone (clip.vision_kind): their
-    get_args call it so, and the refusal comes before any download, data scan or pre-training; their setup_method
-    calls it again with the built model's `visual`, for the files that cannot be told without building them."""
-    resnet = (not isinstance(visual, clip.model.VisionTransformer) if visual is not None
-              else clip.vision_kind(model_name) == "resnet")
-    if resnet:
-        raise UsageError(f"{method} needs a ViT image encoder: its attention maps are made of patch tokens, which "
-                         f"{model_name} (a ResNet) does not have; use e.g. --model ViT-B/32")
-
-
-# ----------------------------------------------------------------------------- the run: device, precision, processes
-
-
-@dataclass
-class Run:
-    device: torch.device
-    dtype: torch.dtype
-    rank: int = 0
-    world: int = 1
-    out_dir: str = None
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def attack_autocast(self):
-        """Input gradients in bf16 or fp32, never fp16 (fp16 gradients underflow and mask the attack)."""
-        return self.autocast() if self.dtype == torch.bfloat16 else contextlib.nullcontext()
-
-    def log(self, msg):
-        if not self.main:
-            return
-        print(msg, flush=True)
-        if self.out_dir:
-            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
-                print(msg, file=f)
-
-    def all_sum(self, values):
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
-def setup(args, save_args=True):
-    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed; the output folder with args.json unless
-    save_args is False (the training harness writes it once the run is accepted)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
-    if args.device.startswith("cuda") and world > 1:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(args.device)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    if dtype is None:  # auto
-        dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    torch.manual_seed(args.seed + rank)
-    run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
-    if run.out_dir and run.main and save_args:
-        os.makedirs(run.out_dir, exist_ok=True)
-        with open(os.path.join(run.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-    return run
-
-
-class Progress:
-    """Prints 'what i/n | rate unit/s | ETA' at most every `every` seconds."""
-
-    def __init__(self, run, what, total, unit="img", every=10.0):
-        self.run, self.what, self.total, self.unit, self.every = run, what, total, unit, every
-        self.t0 = self.last = time.time()
-        self.done = 0
-
-    def update(self, n, extra=""):
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            self.run.log(f"{self.what} {self.done}/{self.total}{extra} | {rate:.1f} {self.unit}/s | ETA {fmt_time(eta)}")
-
-
-def fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
+import harness
+from harness import UsageError, fmt_eps
 
 # ----------------------------------------------------------------------------- checkpoints
 
@@ -431,7 +204,7 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
     predictions eps 0 changed (should be 0)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
     loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
-    progress = Progress(run, f"  {name}", len(dataset))
+    progress = harness.Progress(run, f"  {name}", len(dataset))
     clean = robust = raised = moved = n = eps0_changed = 0
     for x, y in loader:
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
@@ -725,26 +498,6 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
     return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
 
-def check_datasets(names, data_root, train_set=None, scan=True):
-    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
-    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
-    distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
-    so scripts call it before loading the model or training for hours."""
-    checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
-    missing = []
-    for name, train in checks:
-        try:
-            data.check_dataset(name, data_root, train)
-        except data.DataError as e:
-            missing.append((name, str(e)))
-    if missing:
-        more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
-        raise data.DataError(missing[0][1] + more)
-    for name, train in checks if scan else []:
-        if name != data.TOY_TRAIN and name not in data.TOY_HELDOUT:  # the toy sets are generated, not read
-            data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
-
-
 def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
     """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
     return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
@@ -752,56 +505,63 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
             for n in names}
 
 
-# ----------------------------------------------------------------------------- files: atomic writes and locks
+# ----------------------------------------------------------------------------- the evaluation at the end of training
 
 
-@contextlib.contextmanager
-def file_lock(path, run=None):
-    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
-    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            (run.log if run else print)(f"waiting for another process that holds {path}.lock")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def held_out_probe(args, run, n):
+    """harness.TrainLog's held-out accuracy (--eval-every): a function encoder -> {set: zero-shot clean accuracy (%)}
+    on n fixed images of each --eval-sets set, in eval mode; the text tower is loaded for the text features, dropped."""
+    model = clip.load(args.model, device=run.device)
+    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, n,
+                         prompts=getattr(args, "prompts", None))
+    heads = {name: (ds, text_head(model, ds).to(run.device)) for name, ds in sets.items()}
+
+    @torch.no_grad()
+    def probe(encoder):
+        training = encoder.training
+        encoder.eval()
+        acc = {}
+        for name, (ds, text) in heads.items():
+            right = 0
+            for x, y in data.make_loader(ds, args.batch_size):
+                with run.autocast():
+                    pred = clip.cosine_logits(encoder(data.to_device(x, run.device, ds.resize_to)), text, 1.0).argmax(-1)
+                right += (pred.cpu() == y).sum().item()
+            acc[name] = 100 * right / len(ds)
+        encoder.train(training)
+        return acc
+    return probe
 
 
-def write_atomically(path, write, mode="w"):
-    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
-    the old one, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_json(path, obj):
-    write_atomically(path, lambda f: json.dump(obj, f))
+def final_evaluation(encoder, args, run):
+    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
+    with the training run's prompt convention (--prompts)."""
+    model = clip.load(args.model, device=run.device)
+    step = args.eps / 4 if args.toy else 1 / 255
+    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
+    attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
+    attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
+    prompts = getattr(args, "prompts", None)
+    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
+    baseline = None
+    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
+    if args.eval_baseline:
+        baseline = harness.baseline_results(model, sets, cfg, args, run, lambda: evaluate(
+            f0, model, sets, attack, run, args.batch_size, args.workers, attack0))
+    run.log("evaluating the fine-tuned encoder")
+    results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
+    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
+    out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None)
+    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
+        save_attention(encoder, f0, model, attack, args, run)
+    harness.unlock_folder(args.out_dir)  # the run is over
+    return out
 
 
 # ----------------------------------------------------------------------------- pictures (PNG, drawn with Pillow)
 
 TILE = 128  # images smaller than this are upscaled (nearest neighbour) by an integer factor
 MARGIN, HEADER, TEXT_W, LINE = 4, 16, 200, 12
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 GOOD, BAD = "#1a7f37", "#c62828"
 
 
@@ -878,12 +638,65 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
         run.log(f"wrote {path}")
 
 
+# The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the
+# set's prompt (SAFT too, whose own maps average its K description heads instead), Comp-TGA's A_cls * (1 - A_non).
+ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)", None),
+             "comp_tga": ("Comp-TGA map", ("This is a photo of a {}", "This is not a photo of a {}"))}
+
+
+def attention_images(args, resolution, n):
+    """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
+    prompts = getattr(args, "prompts", None)
+    try:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, prompts=prompts)
+    except data.DataError:
+        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True, prompts=prompts)
+    return eval_subset(ds, n)
+
+
+def save_attention(encoder, f0, model, attack, args, run):
+    """attention.png: for --save-attention N images, the method's text-guided attention map (clip/model.py) of the
+    pre-trained encoder f0 and the fine-tuned encoder, on the clean image and on the attack's image against that
+    encoder, overlaid on the image; the notes give each encoder's clean and adversarial prediction."""
+    title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
+    ds = attention_images(args, model.visual.input_resolution, args.save_attention)
+    x, y = next(iter(data.make_loader(ds, len(ds))))
+    x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
+    head = text_head(model, ds).to(run.device)
+    if prompts:
+        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
+    columns, preds = [x], []
+    for f in (f0, encoder):
+        f.eval()
+        classifier = clip.ZeroShotClassifier(f, head)
+        with run.attack_autocast():
+            x_adv = attack(classifier, x, y)
+        for img in (x, x_adv):
+            with torch.no_grad(), run.autocast():
+                tokens = f(img, all_tokens=True)
+            if prompts:
+                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
+            else:
+                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
+            columns.append(torch.stack([overlay(img[i], maps[i]) for i in range(len(y))]))
+            preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
+    c = ds.classnames
+    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", GOOD if p[i] == y[i] else BAD)
+             for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
+                                        ("fine-tuned", "adv")], preds)] for i in range(len(y))]
+    path = os.path.join(run.out_dir, "attention.png")
+    save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
+              ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
+              f"{title}, true class")
+    run.log(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- command line
 
 
 def parser():
     """evaluate.py's flags; every number has a range, checked (one line) when parsed."""
-    p = Parser(__doc__)
+    p = harness.Parser(__doc__)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
     add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
@@ -893,7 +706,7 @@ def parser():
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
              "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average), each with its "
              "paper's class names and prompts; default agft")
-    add("--datasets", type=parse_names, help="comma-separated dataset names (default: the protocol's; 'all' adds "
+    add("--datasets", type=harness.parse_names, help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
     add("--download", action="store_true", help="let torchvision download the sets it can")
@@ -901,32 +714,33 @@ def parser():
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
     add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
         "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
-    add("--attack", default="pgd", type=parse_names,
+    add("--attack", default="pgd", type=harness.parse_names,
         help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "
              "accuracy alone (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
         help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
-    add("--apgd-steps", type=POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
-    add("--eps", type=parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 8/255 with --toy)")
-    add("--step-size", type=parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
-    add("--steps", type=COUNT, help="attack steps (default: the protocol's)")
-    add("--max-per-dataset", type=POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
-    add("--batch-size", type=POSITIVE, default=128)
-    add("--workers", type=COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
+    add("--apgd-steps", type=harness.POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
+    add("--eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 8/255 with --toy)")
+    add("--step-size", type=harness.parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
+    add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
+    add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
+    add("--batch-size", type=harness.POSITIVE, default=128)
+    add("--workers", type=harness.COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
     add("--out-dir", default="runs/eval")
-    add("--save-examples", type=COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
+    add("--save-examples", type=harness.COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
-    add("--device", default="auto", type=parse_device, help="auto | cpu | cuda | cuda:N | mps")
+    add("--device", default="auto", type=harness.parse_device, help="auto | cpu | cuda | cuda:N | mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     add("--check", action="store_true", help="also run an eps sweep (eps/2, eps, 2 eps) on 200 images per set and "
                                              "check that robust accuracy never rises with eps")
-    add("--seed", type=SEED, default=0)
+    add("--seed", type=harness.SEED, default=0)
     return p
 
 
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    harness.check_out_dir(p, args.out_dir)
     proto = PROTOCOLS[args.protocol]
     ckpt = ckpt_model = None
     if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
@@ -948,7 +762,7 @@ def main(argv=None):
     if args.resize_before_attack is None:
         args.resize_before_attack = proto["resize_before_attack"] and not args.toy
     args.prompts = args.prompts or proto["prompts"]
-    check_attack_flags(args.eps, args.step_size, args.steps)
+    harness.check_attack_flags(args.eps, args.step_size, args.steps)
     chosen = attack_names(args.attack)
     if chosen == ["none"] and (args.check or args.save_examples):
         raise UsageError(f"--attack none measures clean accuracy alone; {'--check' if args.check else '--save-examples'}"
@@ -960,8 +774,8 @@ def main(argv=None):
     else:
         names = data.TOY_HELDOUT if args.toy else proto["datasets"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
-        check_datasets(names, args.data_root)
-    run = setup(args)
+        harness.check_datasets(names, args.data_root)
+    run = harness.setup_run(args)
     model = clip.load(args.model, device=run.device)
     if args.checkpoint:
         load_visual(model, args.checkpoint, args.model, ckpt)
@@ -992,4 +806,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli(main)
+    harness.cli(main)

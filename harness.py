@@ -1,5 +1,7 @@
-"""The training harness of the six scripts: flags, their defaults and ranges, the run and its output folder, the
-learning-rate schedule, progress lines and curves, checkpoints, and the evaluation at the end of training.
+"""The run harness of the six training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
+eps), the run (processes, device, precision, progress lines), files written atomically, the checks before the run;
+and for training: the flags' defaults, the output folder, the learning-rate schedule, the training log and its
+curves, checkpoints, the pre-trained encoder's cached results.
 
 A script holds its method and its paper's setting (PAPER, at its top); everything here is the plumbing around them:
 
@@ -7,11 +9,12 @@ A script holds its method and its paper's setting (PAPER, at its top); everythin
     add_method_args(p)                                    # the method's own
     args = harness.parse_args(p, argv, "agft", PAPER, TOY)  # defaults: PAPER, or the toy world's preset with --toy
     run = harness.setup(args)                             # processes, device, precision; the output folder, locked
-    ckpt = harness.Checkpoint(args, run, model, opt, scaler); step = ckpt.resume(total)
-    log = harness.TrainLog(...); log.check_finite(...); log.step(...); ckpt.save(step, log); log.close()
-    harness.final_evaluation(encoder, args, run)          # PGD-20 before and after, results.json
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler); step = ckpt.resume(total, evaluate.load_visual)
+    log = harness.TrainLog(..., evaluate.held_out_probe); log.check_finite(...); log.step(...); log.close()
+    evaluate.final_evaluation(encoder, args, run)         # PGD-20 before and after, results.json
 
-Evaluation itself (zero-shot heads, attacks, tables, checkpoint formats) is evaluate.py's; this module uses it.
+Evaluation itself (zero-shot heads, attacks, tables, checkpoint formats, pictures) is evaluate.py's, which imports
+this module; where the harness needs it (a checkpoint's weights, the held-out accuracy), the script hands it over.
 """
 import argparse
 import atexit
@@ -21,16 +24,316 @@ import json
 import math
 import os
 import socket
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import clip
 import data
-import evaluate
-from evaluate import UsageError, cli, fmt_eps  # noqa: F401  (the scripts use harness.cli and harness.UsageError)
 
-# ----------------------------------------------------------------------------- flags: defaults and ranges
+# ----------------------------------------------------------------------------- errors, flags, checks before the run
+
+
+class UsageError(Exception):
+    """Bad flags or input; the message is one line saying what is wrong and how to fix it."""
+
+
+def cli(main):
+    """Run main(); a known failure prints one line (no traceback) and exits with status 1."""
+    try:
+        main()
+    except (UsageError, clip.CLIPError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'error: argument --eps: ... (see --help)'. A flag whose type is a Range gets
+    its range appended to its help."""
+
+    def __init__(self, doc, formatter_class=argparse.RawDescriptionHelpFormatter):
+        super().__init__(description=doc, formatter_class=formatter_class)
+
+    def add_argument(self, *flags, **kw):
+        if isinstance(kw.get("type"), Range) and kw.get("help") != argparse.SUPPRESS:
+            kw["help"] = f"{kw['help']}; {kw['type'].text}" if kw.get("help") else kw["type"].text
+        return super().add_argument(*flags, **kw)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class Range:
+    """An argparse type: an int or float within [lo, hi] (None: no bound; lo_open/hi_open: bound excluded). NaN and
+    inf are refused; the message says the range: "argument --batch-size: 0 is out of range (an integer >= 1)"."""
+
+    def __init__(self, kind, lo=None, hi=None, lo_open=False, hi_open=False):
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        what = "an integer" if kind is int else "a number"
+        lo_, hi_ = (f"{v:g}" if isinstance(v, float) else str(v) for v in (lo, hi))  # 2 ** 32 - 1 in full
+        if lo is not None and hi is not None:
+            self.text = f"{what} in {'(' if lo_open else '['}{lo_}, {hi_}{')' if hi_open else ']'}"
+        elif lo is not None:
+            self.text = f"{what} {'>' if lo_open else '>='} {lo_}"
+        else:
+            self.text = what if hi is None else f"{what} {'<' if hi_open else '<='} {hi_}"
+        self.__name__ = what  # argparse's fallback messages name the type
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not {self.text}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a finite number ({self.text})")
+        if (self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))) or (
+                self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi))):
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({self.text})")
+        return value
+
+
+# the ranges the flags of evaluate.py, bench.py and the training scripts use
+COUNT, POSITIVE, SEED = Range(int, 0), Range(int, 1), Range(int, 0, 2 ** 32 - 1)  # >= 0, >= 1, numpy's seed range
+POSITIVE_REAL, NON_NEGATIVE, UNIT_INTERVAL = Range(float, 0, lo_open=True), Range(float, 0), Range(float, 0, 1, lo_open=True)
+
+
+def parse_device(text):
+    """auto | cpu | cuda | cuda:N | mps, checked when parsed (cuda:N against the GPUs here, when CUDA is)."""
+    kind, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        if index and torch.cuda.is_available() and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device '{text}' (auto, cpu, cuda, cuda:N or mps)")
+
+
+def parse_names(text):
+    """A comma-separated list of names, unchanged; an empty name (a stray or trailing comma) is refused."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty name (a stray comma?); write e.g. cifar10,stl10")
+    return text
+
+
+def parse_eps(text):
+    """'1/255' or a float in [0, 1]. A bare number > 1 such as '4' is refused: it almost surely meant 4/255."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den or 1)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number (write e.g. 1/255 or 0.0039)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number (write e.g. 1/255 or 0.0039)")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is negative")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is above 1 in [0,1] pixel units: did you mean {text}/255?")
+    return value
+
+
+def fmt_eps(value):
+    return f"{value * 255:g}/255"
+
+
+def check_out_dir(p, out_dir):
+    """p.error (one line) for an --out-dir that cannot hold the run's files: empty, or a file."""
+    if not out_dir:
+        p.error("--out-dir is empty: name the folder this run writes into")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        p.error(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
+
+
+def check_attack_flags(eps, step_size, steps):
+    """UsageError (one line) for attack flags that cannot work: steps below 0, a step larger than eps."""
+    if steps < 0:
+        raise UsageError(f"attack steps must be >= 0, got {steps}")
+    if step_size > eps > 0:
+        raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
+                         "cut back by the projection; use a step size <= eps")
+
+
+def check_datasets(names, data_root, train_set=None, scan=True):
+    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
+    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
+    distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
+    so scripts call it before loading the model or training for hours."""
+    checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
+    missing = []
+    for name, train in checks:
+        try:
+            data.check_dataset(name, data_root, train)
+        except data.DataError as e:
+            missing.append((name, str(e)))
+    if missing:
+        more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
+        raise data.DataError(missing[0][1] + more)
+    for name, train in checks if scan else []:
+        if name != data.TOY_TRAIN and name not in data.TOY_HELDOUT:  # the toy sets are generated, not read
+            data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
+
+
+def require_vit(model_name, method, visual=None):
+    """UsageError (one line) when the image tower is a ResNet: TGA-ZSR, Comp-TGA and SAFT build their attention maps
+    from ViT patch tokens. Without `visual`, judged from the model's name or file alone (clip.vision_kind): their
+    get_args call it so, and the refusal comes before any download, data scan or pre-training; their setup_method
+    calls it again with the built model's `visual`, for the files that cannot be told without building them."""
+    resnet = (not isinstance(visual, clip.model.VisionTransformer) if visual is not None
+              else clip.vision_kind(model_name) == "resnet")
+    if resnet:
+        raise UsageError(f"{method} needs a ViT image encoder: its attention maps are made of patch tokens, which "
+                         f"{model_name} (a ResNet) does not have; use e.g. --model ViT-B/32")
+
+
+# ----------------------------------------------------------------------------- the run: device, precision, processes
+
+
+@dataclass
+class Run:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+    out_dir: str = None
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def attack_autocast(self):
+        """Input gradients in bf16 or fp32, never fp16 (fp16 gradients underflow and mask the attack)."""
+        return self.autocast() if self.dtype == torch.bfloat16 else contextlib.nullcontext()
+
+    def log(self, msg):
+        if not self.main:
+            return
+        print(msg, flush=True)
+        if self.out_dir:
+            with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
+                print(msg, file=f)
+
+    def all_sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_run(args, save_args=True):
+    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed; the output folder with args.json unless
+    save_args is False (for training, setup writes it once the run is accepted)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
+    if args.device.startswith("cuda") and world > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = torch.device(args.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    if dtype is None:  # auto
+        dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    torch.manual_seed(args.seed + rank)
+    run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
+    if run.out_dir and run.main and save_args:
+        os.makedirs(run.out_dir, exist_ok=True)
+        with open(os.path.join(run.out_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return run
+
+
+class Progress:
+    """Prints 'what i/n | rate unit/s | ETA' at most every `every` seconds."""
+
+    def __init__(self, run, what, total, unit="img", every=10.0):
+        self.run, self.what, self.total, self.unit, self.every = run, what, total, unit, every
+        self.t0 = self.last = time.time()
+        self.done = 0
+
+    def update(self, n, extra=""):
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            self.run.log(f"{self.what} {self.done}/{self.total}{extra} | {rate:.1f} {self.unit}/s | ETA {fmt_time(eta)}")
+
+
+def fmt_time(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ----------------------------------------------------------------------------- files: atomic writes and locks
+
+
+@contextlib.contextmanager
+def file_lock(path, run=None):
+    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
+    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (run.log if run else print)(f"waiting for another process that holds {path}.lock")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_atomically(path, write, mode="w"):
+    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
+    the old one, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda f: json.dump(obj, f))
+
+
+# ----------------------------------------------------------------------------- training: the flags' defaults
 
 # The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
@@ -44,14 +347,14 @@ RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help with every flag's default (eps-like values as k/255); a number's range is in its help already
-    (evaluate.Parser adds a Range's)."""
+    (Parser adds a Range's)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if action.default is argparse.SUPPRESS or "default" in text:
             return text
         value = action.default
-        if action.type is evaluate.parse_eps and isinstance(value, float):
+        if action.type is parse_eps and isinstance(value, float):
             value = fmt_eps(value)
         elif isinstance(value, bool) or action.nargs == 0:
             value = "on" if value else "off"
@@ -62,42 +365,42 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def training_parser(doc):
     """The flags every training script shares, each with its range; their defaults come in parse_args."""
-    p = evaluate.Parser(doc, formatter_class=HelpFormatter)
+    p = Parser(doc, formatter_class=HelpFormatter)
     add = p.add_argument
     add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU "
                                            "(--toy --help shows its values); a flag given beside it wins")
     add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
     add("--train-set", help="imagenet | tinyimagenet | cifar10 | cifar100 | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
-    add("--eval-sets", type=evaluate.parse_names, help="comma-separated zero-shot evaluation sets for the evaluation "
+    add("--eval-sets", type=parse_names, help="comma-separated zero-shot evaluation sets for the evaluation "
                                                         "at the end")
     add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the training and evaluation "
         "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
         "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
-    add("--epochs", type=evaluate.POSITIVE, help="passes over the training set")
-    add("--max-steps", type=evaluate.POSITIVE, help="stop after this many steps instead (overrides --epochs)")
-    add("--batch-size", type=evaluate.POSITIVE, help="global batch size (split across processes under torchrun; "
+    add("--epochs", type=POSITIVE, help="passes over the training set")
+    add("--max-steps", type=POSITIVE, help="stop after this many steps instead (overrides --epochs)")
+    add("--batch-size", type=POSITIVE, help="global batch size (split across processes under torchrun; "
                                                      "must divide by their number)")
-    add("--lr", type=evaluate.POSITIVE_REAL, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
-    add("--warmup-steps", type=evaluate.COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
-    add("--eps", type=evaluate.parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
-    add("--step-size", type=evaluate.parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
+    add("--lr", type=POSITIVE_REAL, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
+    add("--warmup-steps", type=COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
+    add("--eps", type=parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
+    add("--step-size", type=parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
                                                      "--eps (step = eps, as every paper trains; eps/2 under --toy)")
-    add("--attack-steps", type=evaluate.COUNT, help="training attack (PGD) steps")
+    add("--attack-steps", type=COUNT, help="training attack (PGD) steps")
     add("--out-dir", help="the folder of this run: checkpoint, log, arguments, curves, results (one run per folder)")
-    add("--save-every", type=evaluate.POSITIVE, default=1000, help="checkpoint every N steps (and at the end)")
-    add("--log-every", type=evaluate.POSITIVE, default=10, help="a progress line every N steps")
-    add("--eval-every", type=evaluate.COUNT, help="every N steps, zero-shot clean accuracy on 100 fixed images of each "
+    add("--save-every", type=POSITIVE, default=1000, help="checkpoint every N steps (and at the end)")
+    add("--log-every", type=POSITIVE, default=10, help="a progress line every N steps")
+    add("--eval-every", type=COUNT, help="every N steps, zero-shot clean accuracy on 100 fixed images of each "
                                                   "eval set, for curve.png (0: off)")
     add("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     add("--allow-changed-flags", action="store_true", help="with --resume, continue although flags that change "
                                                            "training differ from the stored run's")
-    add("--workers", type=evaluate.COUNT, help="data-loading processes")
-    add("--device", type=evaluate.parse_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    add("--workers", type=COUNT, help="data-loading processes")
+    add("--device", type=parse_device, default="auto", help="auto | cpu | cuda | cuda:N | mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     add("--compile", action="store_true", help="torch.compile the image encoder")
-    add("--seed", type=evaluate.SEED, default=0, help="seed of the data order and the attacks' random starts")
+    add("--seed", type=SEED, default=0, help="seed of the data order and the attacks' random starts")
     return p
 
 
@@ -127,23 +430,21 @@ def parse_args(p, argv, method, paper, toy):
     if args.attack_steps and args.eps and not args.step_size:
         p.error(f"--step-size is 0 with --attack-steps {args.attack_steps}: the attack would not move; give a step "
                 "> 0, or --attack-steps 0 for no attack")
-    if args.step_size > args.eps > 0:
-        p.error(f"step size {fmt_eps(args.step_size)} is larger than eps {fmt_eps(args.eps)}: every step would be "
-                "cut back by the projection; use a step size <= eps")
-    if not args.out_dir:
-        p.error("--out-dir is empty: name the folder this run writes into")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out-dir {args.out_dir} is a file, not a folder: choose another --out-dir")
+    try:
+        check_attack_flags(args.eps, args.step_size, args.attack_steps)
+    except UsageError as e:
+        p.error(str(e))
+    check_out_dir(p, args.out_dir)
     if args.allow_changed_flags and not args.resume:
         p.error("--allow-changed-flags only applies with --resume")
     return args
 
 
-# ----------------------------------------------------------------------------- the run and its output folder
+# ----------------------------------------------------------------------------- training: the run's output folder
 
 
 def setup(args):
-    """Processes, device, precision and seed (evaluate.setup), and the output folder, which holds one run: nothing
+    """Processes, device, precision and seed (setup_run), and the output folder, which holds one run: nothing
     is written to it before the run is accepted (a checkpoint there needs --resume; --resume refuses changed flags
     without --allow-changed-flags), then a lock keeps a second run out and args.json is written."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -151,7 +452,7 @@ def setup(args):
         raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must divide by the {world} "
                          "processes (each takes an equal share)")
     accept(args)
-    run = evaluate.setup(args, save_args=False)
+    run = setup_run(args, save_args=False)
     if run.main:
         lock_folder(args.out_dir)
         with open(os.path.join(args.out_dir, "args.json"), "w") as f:
@@ -247,7 +548,7 @@ def unlock_folder(out_dir):
         pass
 
 
-# ----------------------------------------------------------------------------- learning rate, progress, curves
+# ----------------------------------------------------------------------------- training: learning rate, log, curves
 
 
 def lr_at(step, total, warmup, lr):
@@ -275,11 +576,12 @@ class TrainLog:
     """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the curves.
 
     With --eval-every N, rank 0 also measures zero-shot clean accuracy on a fixed subset of PROBE_N images of each
-    evaluation set at the start and every N steps (encoder in eval mode, no grad). close() writes curve.json and
-    curve.png (loss, and that accuracy, over steps)."""
+    evaluation set at the start and every N steps, with the probe make_probe(args, run, PROBE_N) builds
+    (evaluate.held_out_probe). close() writes curve.json and curve.png (loss, and that accuracy, over steps)."""
 
-    def __init__(self, args, run, train_set, total, step, encoder, resumed=None):
-        """resumed: the curves stored in the checkpoint a run resumes from, kept up to its step."""
+    def __init__(self, args, run, train_set, total, step, encoder, resumed=None, make_probe=None):
+        """resumed: the curves stored in the checkpoint a run resumes from, kept up to its step; make_probe: see
+        above, needed with --eval-every."""
         self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
         resumed = resumed or {}
         self.history = [tuple(p) for p in resumed.get("step_loss", []) if p[0] <= step]
@@ -288,30 +590,12 @@ class TrainLog:
         run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
                 f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
                 f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
-        self.probe = self.probe_sets() if getattr(args, "eval_every", 0) and run.main else None
+        self.probe = make_probe(args, run, PROBE_N) if getattr(args, "eval_every", 0) and run.main else None
         if self.probe:
             self.measure(step)
 
-    def probe_sets(self):
-        """{set: (fixed PROBE_N-image subset, its text features)}; the text tower is loaded for this and dropped."""
-        model = clip.load(self.args.model, device=self.run.device)
-        sets = evaluate.eval_datasets(self.args.eval_sets.split(","), self.args.data_root, model.visual.input_resolution,
-                                      PROBE_N, prompts=getattr(self.args, "prompts", None))
-        return {name: (ds, evaluate.text_head(model, ds).to(self.run.device)) for name, ds in sets.items()}
-
-    @torch.no_grad()
     def measure(self, step):
-        training = self.encoder.training
-        self.encoder.eval()
-        acc = {}
-        for name, (ds, text) in self.probe.items():
-            right = 0
-            for x, y in data.make_loader(ds, self.args.batch_size):
-                with self.run.autocast():
-                    pred = clip.cosine_logits(self.encoder(data.to_device(x, self.run.device, ds.resize_to)), text, 1.0).argmax(-1)
-                right += (pred.cpu() == y).sum().item()
-            acc[name] = 100 * right / len(ds)
-        self.encoder.train(training)
+        acc = self.probe(self.encoder)
         self.accuracy.append((step, acc))
         self.run.log(f"step {step}: held-out clean accuracy (%, {PROBE_N} images each) " +
                      " ".join(f"{k} {v:.1f}" for k, v in acc.items()))
@@ -334,7 +618,7 @@ class TrainLog:
             return
         rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
         self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
-                     f"{rate:.1f} img/s | ETA {evaluate.fmt_time((self.total - step) * self.args.batch_size / rate)}")
+                     f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
 
     def close(self):
         if not (self.run.main and self.run.out_dir):
@@ -353,12 +637,12 @@ class TrainLog:
         self.run.log(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- training: checkpoints
 
 
 def save_checkpoint(path, obj):
-    """torch.save, atomically (evaluate.write_atomically): a crash mid-write leaves the previous checkpoint."""
-    evaluate.write_atomically(path, lambda f: torch.save(obj, f), "wb")
+    """torch.save, atomically (write_atomically): a crash mid-write leaves the previous checkpoint."""
+    write_atomically(path, lambda f: torch.save(obj, f), "wb")
 
 
 class Checkpoint:
@@ -369,16 +653,17 @@ class Checkpoint:
             os.path.join(args.out_dir, "ckpt.pt"), args, run, model, opt, scaler)
         self.curves = None
 
-    def resume(self, total):
-        """The step to start from: 0, or with --resume the checkpoint's (setup has accepted it), whose weights,
-        optimizer, loss scaler and curves are restored. A run with no step left to train is refused."""
+    def resume(self, total, load_visual):
+        """The step to start from: 0, or with --resume the checkpoint's (setup has accepted it), whose weights
+        (read by load_visual: evaluate.load_visual), optimizer, loss scaler and curves are restored. A run with no
+        step left to train is refused."""
         if not self.args.resume:
             return 0
         at = peek(self.path)["step"]
         if at >= total:
             raise UsageError(f"{self.path} is at step {at} and this run ends at step {total}: nothing to train; raise "
                              "--max-steps or --epochs")
-        ckpt = evaluate.load_visual(self.model, self.path, self.args.model)
+        ckpt = load_visual(self.model, self.path, self.args.model)
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.curves = ckpt.get("curves")
@@ -397,7 +682,7 @@ class Checkpoint:
                                         "curves": log.curves()})
 
 
-# ----------------------------------------------------------------------------- the evaluation at the end of training
+# ----------------------------------------------------------------------------- training: cached pre-trained results
 
 
 def weights_digest(module):
@@ -430,8 +715,9 @@ def read_cached_results(path, key, names):
         return None, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
 
 
-def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
-    """The pre-trained encoder's results: the same for every method run with these settings, so cached on disk
+def baseline_results(model, sets, cfg, args, run, evaluate_f0):
+    """The pre-trained encoder's results, evaluate_f0() (evaluate.final_evaluation's evaluation of the encoder of
+    `model` on `sets` under the attack `cfg`): the same for every method run with these settings, so cached on disk
     ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar, beside the toy CLIP) under a key of the contents of what
     they depend on: the model's weights (weights_digest: a released CLIP, a --model file or the toy CLIP alike), each
     set's data.fingerprint (its class names and prompt template, so --prompts too, and its images' files by size and
@@ -444,7 +730,7 @@ def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", digest + ".json")
     key = json.loads(json.dumps(key))  # as it reads back from JSON
-    with evaluate.file_lock(path, run) if run.world == 1 else contextlib.nullcontext():
+    with file_lock(path, run) if run.world == 1 else contextlib.nullcontext():
         cached, why = read_cached_results(path, key, list(sets))
         if why:
             run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "
@@ -453,93 +739,15 @@ def baseline_results(f0, model, sets, attack, attack0, cfg, args, run):
             run.log(f"the pre-trained encoder's results: {path} (cached)")
             return cached
         run.log("evaluating the pre-trained encoder")
-        results = evaluate.evaluate(f0, model, sets, attack, run, args.batch_size, args.workers, attack0)
+        results = evaluate_f0()
         if run.main:
-            evaluate.write_json(path, {"key": key, "results": results})
+            write_json(path, {"key": key, "results": results})
     return results
 
 
-def final_evaluation(encoder, args, run):
-    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
-    with the training run's prompt convention (--prompts)."""
-    model = clip.load(args.model, device=run.device)
-    step = args.eps / 4 if args.toy else 1 / 255
-    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
-    attack = evaluate.make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
-    attack0 = evaluate.make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
-    prompts = getattr(args, "prompts", None)
-    sets = evaluate.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution,
-                                  prompts=prompts)
-    baseline = None
-    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
-    if args.eval_baseline:
-        baseline = baseline_results(f0, model, sets, attack, attack0, cfg, args, run)
-    run.log("evaluating the fine-tuned encoder")
-    results = evaluate.evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
-    out = evaluate.report(run, args.model, cfg, results, baseline, over=over,
-                          protocol={"prompts": prompts} if prompts else None)
-    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
-        save_attention(encoder, f0, model, attack, args, run)
-    unlock_folder(args.out_dir)  # the run is over
-    return out
+# ----------------------------------------------------------------------------- training: the curves' picture
 
-
-# ----------------------------------------------------------------------------- pictures of a training run: attention maps, curves
-
-
-# The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the
-# set's prompt (SAFT too, whose own maps average its K description heads instead), Comp-TGA's A_cls * (1 - A_non).
-ATTENTION = {"tga_zsr": ("TGA-ZSR map", None), "saft": ("TGA map (class prompt)", None),
-             "comp_tga": ("Comp-TGA map", ("This is a photo of a {}", "This is not a photo of a {}"))}
-
-
-def attention_images(args, resolution, n):
-    """n held-out images of the training classes (the training set's evaluation split, else its training split)."""
-    prompts = getattr(args, "prompts", None)
-    try:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution, prompts=prompts)
-    except data.DataError:
-        ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True, prompts=prompts)
-    return evaluate.eval_subset(ds, n)
-
-
-def save_attention(encoder, f0, model, attack, args, run):
-    """attention.png: for --save-attention N images, the method's text-guided attention map (clip/model.py) of the
-    pre-trained encoder f0 and the fine-tuned encoder, on the clean image and on the attack's image against that
-    encoder, overlaid on the image; the notes give each encoder's clean and adversarial prediction."""
-    title, prompts = ATTENTION.get(args.method, ATTENTION["tga_zsr"])
-    ds = attention_images(args, model.visual.input_resolution, args.save_attention)
-    x, y = next(iter(data.make_loader(ds, len(ds))))
-    x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
-    head = evaluate.text_head(model, ds).to(run.device)
-    if prompts:
-        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
-    columns, preds = [x], []
-    for f in (f0, encoder):
-        f.eval()
-        classifier = clip.ZeroShotClassifier(f, head)
-        with run.attack_autocast():
-            x_adv = attack(classifier, x, y)
-        for img in (x, x_adv):
-            with torch.no_grad(), run.autocast():
-                tokens = f(img, all_tokens=True)
-            if prompts:
-                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
-            else:
-                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
-            columns.append(torch.stack([evaluate.overlay(img[i], maps[i]) for i in range(len(y))]))
-            preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
-    c = ds.classnames
-    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", evaluate.GOOD if p[i] == y[i] else evaluate.BAD)
-             for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
-                                        ("fine-tuned", "adv")], preds)] for i in range(len(y))]
-    path = os.path.join(run.out_dir, "attention.png")
-    evaluate.save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
-              ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
-              f"{title}, true class")
-    run.log(f"wrote {path}")
-
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]  # one per series
 
 def nice_ticks(lo, hi, n=5, least=0.0):
     raw = max((hi - lo) / n, least)
@@ -577,14 +785,14 @@ def plot_curves(path, panels, size=(440, 280)):
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text(((x0 + x1) // 2 - 10, ph - 13), "step", fill="black")
         for k, (name, s) in enumerate(series.items()):
-            colour = "black" if name == "mean" else evaluate.PALETTE[k % len(evaluate.PALETTE)]
+            colour = "black" if name == "mean" else PALETTE[k % len(PALETTE)]
             line = [(X(x), Y(y)) for x, y in s]
             if len(line) > 1:
                 draw.line(line, fill=colour, width=2)
             for px, py in line if len(line) <= 40 else []:
                 draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
             if legend:
-                ly = y0 + 4 + evaluate.LINE * k
+                ly = y0 + 4 + 12 * k
                 draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
                 draw.text((x1 + 26, ly), name[:16], fill="black")
     img.save(path, optimize=True)

@@ -121,11 +121,11 @@ def test_pgd_leaves_parameter_gradients_alone():
 
 
 def test_parse_eps():
-    assert evaluate.parse_eps("1/255") == pytest.approx(1 / 255)
-    assert evaluate.parse_eps("0.5") == 0.5
+    assert harness.parse_eps("1/255") == pytest.approx(1 / 255)
+    assert harness.parse_eps("0.5") == 0.5
     for bad, words in [("4", "did you mean 4/255"), ("-1/255", "negative"), ("abc", "not a number")]:
         with pytest.raises(Exception, match=words):
-            evaluate.parse_eps(bad)
+            harness.parse_eps(bad)
 
 
 def test_lr_schedule():
@@ -265,12 +265,12 @@ def test_ddp_two_processes_end_identical(tiny_ckpt, tiny_folder, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""import os, sys, torch
 sys.path.insert(0, {ROOT!r})
-import harness, tecoa
-final = harness.final_evaluation
+import evaluate, tecoa
+final = evaluate.final_evaluation
 def save_weights_then_evaluate(encoder, args, run):  # every rank writes its own weights
     torch.save(encoder.visual.state_dict(), os.path.join(args.out_dir, f"weights_rank{{run.rank}}.pt"))
     return final(encoder, args, run)
-harness.final_evaluation = save_weights_then_evaluate
+evaluate.final_evaluation = save_weights_then_evaluate
 tecoa.main(sys.argv[1:])
 """)
     out = tmp_path / "ddp"
@@ -304,7 +304,7 @@ def test_bench_counts_each_methods_passes_and_writes_nothing(tmp_path, monkeypat
 def one_line_error(capsys, main, argv):
     """Run a script's main the way the command line does; return its stderr, checking it is one 'error:' line."""
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.cli(lambda: main(argv))
+        harness.cli(lambda: main(argv))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code != 0 and "Traceback" not in err
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
@@ -373,7 +373,7 @@ def test_every_numeric_flag_refuses_out_of_range_nan_and_negative(module, capsys
     numeric = 0
     for action in script_parser(module)._actions:
         assert action.type not in (int, float), f"{action.option_strings[0]} has no documented range"
-        if not (isinstance(action.type, evaluate.Range) or action.type is evaluate.parse_eps):
+        if not (isinstance(action.type, harness.Range) or action.type is harness.parse_eps):
             continue
         for value in filter(None, bad_values(action.type) + ["-3"]):
             err = one_line_error(capsys, module.get_args, [f"{action.option_strings[0]}={value}"])
@@ -416,11 +416,13 @@ def test_cross_flag_rules_and_the_output_folder_give_one_line(capsys, tmp_path):
                         (["--gamma", "1.01"], "(0, 1]")]:
         assert words in one_line_error(capsys, agft.get_args, argv), argv
     assert agft.get_args(["--eps", "0", "--attack-steps", "2"]).step_size == 0  # no attack: clean fine-tuning
+    for argv, words in [(["--out-dir", ""], "--out-dir is empty"), (["--out-dir", str(a_file)], "is a file")]:
+        assert words in one_line_error(capsys, evaluate.main, ["--toy", *argv]), argv  # the same check
 
 
 def test_refused_runs_write_nothing_and_resume_names_changed_flags(capsys, tiny_ckpt, tiny_folder, tmp_path,
                                                                    monkeypatch):
-    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
     run = tmp_path / "run"
     tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, run))
     stored = (run / "args.json").read_bytes()
@@ -445,7 +447,7 @@ def test_refused_runs_write_nothing_and_resume_names_changed_flags(capsys, tiny_
 def test_a_live_run_locks_its_folder_and_a_dead_ones_lock_is_replaced(capsys, tiny_ckpt, tiny_folder, tmp_path,
                                                                      monkeypatch):
     import socket
-    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
     run = tmp_path / "run"
     run.mkdir()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -491,7 +493,7 @@ def test_non_finite_weights_are_never_saved_nor_evaluated(capsys, tiny_ckpt, tin
 
 def test_sanity_checks_flag_a_broken_attack(tiny_ckpt, tiny_folder, tmp_path):
     model = clip.load(tiny_ckpt)
-    run = evaluate.Run(torch.device("cpu"), torch.float32)
+    run = harness.Run(torch.device("cpu"), torch.float32)
     sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
     enc = clip.ImageEncoder(model.visual)
     broken = lambda m, x, y: x.clone()  # noqa: E731  "attacks" by returning the clean images
@@ -510,7 +512,7 @@ def test_clean_wrong_images_made_right_are_not_robust():
     ds = data.ToyDataset(x, y, ["a", "b"], "{}")
     classifier = lambda x: torch.stack([torch.ones(len(x)), 10 * x.flatten(1).mean(1)], 1)  # noqa: E731  0 at x=0
     flip = lambda m, x, y: x + 0.5  # noqa: E731  turns every prediction to class 1, clean-wrong ones right
-    res = evaluate.accuracy(classifier, ds, flip, evaluate.Run(torch.device("cpu"), torch.float32), 4)
+    res = evaluate.accuracy(classifier, ds, flip, harness.Run(torch.device("cpu"), torch.float32), 4)
     assert (res["clean"], res["robust"], res["raised"]) == (50.0, 0.0, 4)
 
 
@@ -1352,10 +1354,10 @@ def test_missing_empty_and_unknown_sets_are_one_line_errors(tmp_path):
 
 def test_check_datasets_names_every_missing_set(tmp_path):
     write_cifar(tmp_path)
-    msg = one_line_data_error("imagenet", evaluate.check_datasets, ["cifar10", "dtd", "ImageNet_R"], str(tmp_path),
+    msg = one_line_data_error("imagenet", harness.check_datasets, ["cifar10", "dtd", "ImageNet_R"], str(tmp_path),
                          train_set="imagenet")
     assert msg.endswith("[also missing: dtd, ImageNet_R]") and "train/" in msg
-    evaluate.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10", scan=False)  # presence only
+    harness.check_datasets(["cifar10", "imagefolder", ""], str(tmp_path), train_set="cifar10", scan=False)  # presence only
 
 
 def test_evaluate_with_no_data_prints_one_line():
@@ -1575,7 +1577,7 @@ def test_two_steps_then_evaluate(module, terms, tiny_ckpt, tiny_folder, tmp_path
 
 def test_agft_resume_keeps_f0_pretrained(tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
     """A resumed run equals an uninterrupted one: f0 (the soft target's source) is copied before the resume."""
-    monkeypatch.setattr(harness, "final_evaluation", lambda *a, **k: None)
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
     check_resume_matches_uninterrupted_run(agft.main, tiny_ckpt, tiny_folder, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- section: TGA-ZSR, Comp-TGA and SAFT
@@ -1592,7 +1594,7 @@ def tga_setup(module, *flags, classes=CLASSES, model=None, train_set="imagefolde
     enc = clip.ImageEncoder(model.visual)
     args = module.get_args(["--model", "tiny", "--train-set", train_set, "--device", "cpu", *flags])
     ds = SimpleNamespace(classnames=classes, template=template)
-    m = module.setup_method(model, ds, enc, args, evaluate.Run(torch.device("cpu"), torch.float32))
+    m = module.setup_method(model, ds, enc, args, harness.Run(torch.device("cpu"), torch.float32))
     return model, enc, args, m
 
 
@@ -1818,14 +1820,14 @@ def test_saft_toy_world_uses_its_own_descriptions(tmp_path):
 def test_bad_descriptions_and_resnets_get_one_line_errors(tmp_path):
     for bad, words in [("{not json", "not valid JSON"), ('["a", "b"]', "expected a JSON object"),
                        ('{"red thing": "a"}', "expected a JSON object")]:
-        with pytest.raises(evaluate.UsageError, match=words) as e:
+        with pytest.raises(harness.UsageError, match=words) as e:
             tga_setup(saft, "--descriptions", write_json(tmp_path / "bad.json", bad))
         assert "\n" not in str(e.value)
-    with pytest.raises(evaluate.UsageError, match="cannot read"):
+    with pytest.raises(harness.UsageError, match="cannot read"):
         tga_setup(saft, "--descriptions", str(tmp_path / "missing.json"))
     resnet = tiny_clip(vision_layers=(1, 1, 1, 1), vision_width=8)
     for module in TGA_METHODS:
-        with pytest.raises(evaluate.UsageError, match="needs a ViT image encoder"):
+        with pytest.raises(harness.UsageError, match="needs a ViT image encoder"):
             tga_setup(module, model=resnet)
 
 
@@ -2085,7 +2087,7 @@ def test_attack_names():
     assert len(evaluate.AGFT_ATTACKS) == 15 and set(evaluate.AGFT_ATTACKS) <= set(evaluate.ATTACKS)
     assert evaluate.attack_names("all") == evaluate.AGFT_ATTACKS
     assert evaluate.attack_names("pgd, cw") == ["pgd", "cw"]
-    with pytest.raises(evaluate.UsageError, match="unknown attack 'pdg'"):
+    with pytest.raises(harness.UsageError, match="unknown attack 'pdg'"):
         evaluate.attack_names("pdg")
     assert evaluate.attack_config("autoattack", 1 / 255, 1 / 255, 20, 100, "standard")["steps"] == 100
 
@@ -2199,7 +2201,7 @@ def test_unknown_layouts_are_refused_naming_the_keys(tmp_path):
     }
     for name, (obj, words) in cases.items():
         torch.save(obj, tmp_path / f"{name}.pt")
-        with pytest.raises(evaluate.UsageError, match=words):
+        with pytest.raises(harness.UsageError, match=words):
             evaluate.load_visual(tiny_clip(), str(tmp_path / f"{name}.pt"), "tiny")
 
 
@@ -2239,12 +2241,12 @@ def test_curve_without_accuracy_is_the_loss_alone(tiny_ckpt, tiny_folder, tmp_pa
 def numeric_flags(p):
     """(flag, type) of every option of a parser whose value is a number."""
     return [(a.option_strings[-1], a.type) for a in p._actions
-            if isinstance(a.type, evaluate.Range) or a.type is evaluate.parse_eps]
+            if isinstance(a.type, harness.Range) or a.type is harness.parse_eps]
 
 
 def bad_values(kind):
     """Values out of a number type's range (below it, and above it where bounded), NaN, a negative and inf."""
-    if kind is evaluate.parse_eps:
+    if kind is harness.parse_eps:
         return ["2", "nan", "-1/255", "inf", "1/0"]
     below = [str(kind.lo if kind.lo_open else kind.lo - 1)] if kind.lo is not None else []
     above = [str(kind.hi if kind.hi_open else kind.hi + 1)] if kind.hi is not None else []
@@ -2260,7 +2262,7 @@ def test_every_number_flag_has_a_range_refused_in_one_line(capsys):
         assert len(flags) >= (8 if name == "evaluate.py" else 4)
         for flag, kind in flags:
             action = next(a for a in p._actions if flag in a.option_strings)
-            if isinstance(kind, evaluate.Range):
+            if isinstance(kind, harness.Range):
                 assert kind.text in action.help, (name, flag)  # documented in --help
             for value in filter(None, bad_values(kind)):
                 with pytest.raises(SystemExit) as e:
@@ -2293,7 +2295,7 @@ def test_evaluate_attack_none_is_clean_accuracy_alone(capsys, tiny_ckpt, tiny_fo
     model = clip.load(tiny_ckpt)
     sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
     pgd = evaluate.evaluate(clip.ImageEncoder(model.visual), model, sets, evaluate.make_attack("pgd", 1 / 255, 1 / 255, 1),
-                            evaluate.Run(torch.device("cpu"), torch.float32))
+                            harness.Run(torch.device("cpu"), torch.float32))
     assert res["clean"]["imagefolder"] == pgd["imagefolder"]["clean"] == res["average"]["clean"]
     assert "goes alone" in one_line_error(capsys, evaluate.main, ev + ["--attack", "none,pgd"])
     assert "needs an attack" in one_line_error(capsys, evaluate.main, ev + ["--attack", "none", "--check"])
@@ -2422,7 +2424,7 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
     import threading
     monkeypatch.setenv("NANOZSAR_CACHE", str(tmp_path / "cache"))
     model = clip.load(tiny_ckpt)
-    f0, run = clip.ImageEncoder(model.visual), evaluate.Run(torch.device("cpu"), torch.float32)
+    f0, run = clip.ImageEncoder(model.visual), harness.Run(torch.device("cpu"), torch.float32)
     args = SimpleNamespace(seed=0, batch_size=32, workers=0)
     cfg = {"name": "pgd", "eps": 8 / 255, "step_size": 2 / 255, "steps": 1}
     attack = evaluate.make_attack("pgd", 8 / 255, 2 / 255, 1)
@@ -2431,7 +2433,8 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
 
     def baseline(root):
         sets = evaluate.eval_datasets(["imagefolder"], str(root), 32)
-        return harness.baseline_results(f0, model, sets, attack, None, cfg, args, run)
+        return harness.baseline_results(model, sets, cfg, args, run,
+                                        lambda: evaluate.evaluate(f0, model, sets, attack, run, 32, 0))
 
     first = baseline(tiny_folder)
     files = [f for f in os.listdir(tmp_path / "cache" / "baselines") if f.endswith(".json")]
@@ -2459,8 +2462,8 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
         assert json.load(open(path))["results"] == first  # rebuilt
     assert len(calls) == 6 and not [f for f in os.listdir(path.parent) if ".tmp" in f]
     held, log = threading.Event(), []
-    with evaluate.file_lock(str(path)):  # a second process (here: thread) waits for the lock
-        t = threading.Thread(target=lambda: evaluate.file_lock(str(path), SimpleNamespace(log=log.append)).__enter__()
+    with harness.file_lock(str(path)):  # a second process (here: thread) waits for the lock
+        t = threading.Thread(target=lambda: harness.file_lock(str(path), SimpleNamespace(log=log.append)).__enter__()
                              or held.set())
         t.start()
         assert not held.wait(0.3)

@@ -48,16 +48,16 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    p.add_argument("--alpha", type=evaluate.NON_NEGATIVE, help="weight of the attention refinement term (adversarial)")
-    p.add_argument("--beta", type=evaluate.NON_NEGATIVE, help="weight of the attention constraint term (clean)")
-    p.add_argument("--save-attention", type=evaluate.COUNT, default=0, metavar="N", help="at the end, write "
+    p.add_argument("--alpha", type=harness.NON_NEGATIVE, help="weight of the attention refinement term (adversarial)")
+    p.add_argument("--beta", type=harness.NON_NEGATIVE, help="weight of the attention constraint term (clean)")
+    p.add_argument("--save-attention", type=harness.COUNT, default=0, metavar="N", help="at the end, write "
                    "attention.png: the text-guided maps of the pre-trained and fine-tuned encoders on N clean and "
                    "adversarial images (0: off)")
 
 
 def setup_method(model, train_set, encoder, args, run):
     """The text features T of the training classes, encoded once, and the frozen pre-trained encoder f0."""
-    evaluate.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
+    harness.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
 
@@ -110,13 +110,13 @@ def get_args(argv=None):
     p = harness.training_parser(__doc__)
     add_method_args(p)
     args = harness.parse_args(p, argv, "tga_zsr", PAPER, TOY)
-    evaluate.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
+    harness.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
-    evaluate.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = clip.load(args.model, device=run.device)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
@@ -129,10 +129,10 @@ def main(argv=None):
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume(total)  # 0 for a new run
+    step = ckpt.resume(total, evaluate.load_visual)  # 0 for a new run, else the checkpoint's (its weights: evaluate.py)
     f = torch.compile(encoder) if args.compile else encoder
     f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves)
+    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
@@ -162,7 +162,7 @@ def main(argv=None):
             if step == total:
                 break
     log.close()
-    harness.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
+    evaluate.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":
