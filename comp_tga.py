@@ -43,7 +43,9 @@ PAPER = dict(
     beta=0.10,                 # attention constraint weight: paper Sec. IV-A (0.07, the official code's default, is
                                # its AutoAttack setting)
 )
-TOY = dict(lr=1e-3, max_steps=300, save_attention=8)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
+TOY = dict(lr=1e-4, max_steps=200, alpha=0.7, beta=0.7, save_attention=8)  # --toy: these and harness.TOY_WORLD
+# alpha, beta: the paper's 0.10, 0.10 times 7. The map distance is an unsquared L2 norm over the H x W upsampled
+# map, so the same per-pixel disagreement weighs 224/32 = 7 times less at the toy's 32 px than at 224 px.
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 

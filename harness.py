@@ -338,7 +338,7 @@ def write_json(path, obj):
 # The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
 TOY_WORLD = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
-                 epochs=1, batch_size=128, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS / 2,
+                 epochs=1, batch_size=64, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS,
                  attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
 RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
@@ -386,7 +386,7 @@ def training_parser(doc):
     add("--warmup-steps", type=COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
     add("--eps", type=parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
     add("--step-size", type=parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
-                                                     "--eps (step = eps, as every paper trains; eps/2 under --toy)")
+                                                     "--eps (step = eps, as every paper trains)")
     add("--attack-steps", type=COUNT, help="training attack (PGD) steps")
     add("--out-dir", help="the folder of this run: checkpoint, log, arguments, curves, results (one run per folder)")
     add("--save-every", type=POSITIVE, default=1000, help="checkpoint every N steps (and at the end)")
@@ -424,7 +424,7 @@ def parse_args(p, argv, method, paper, toy):
             setattr(args, a.dest, a.default)
     if "epochs" in given and "max_steps" not in given:
         args.max_steps = None  # an explicit --epochs wins over a preset's --max-steps
-    if "step_size" not in given and "eps" in given:  # step = eps (the papers); eps/2 under --toy
+    if "step_size" not in given and "eps" in given:  # step = eps, as the papers train
         args.step_size = args.eps * preset["step_size"] / preset["eps"] if preset["eps"] else args.eps
     args.method = method
     if args.attack_steps and args.eps and not args.step_size:

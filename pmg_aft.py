@@ -38,7 +38,7 @@ PAPER = dict(
     alpha=1.0,                 # weight of L_general: official code (fixed at 1 there)
     beta=1.0,                  # weight of L_clean: official code (fixed at 1 there)
 )
-TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
+TOY = dict(lr=5e-5, max_steps=200)  # --toy: these and harness.TOY_WORLD (the KL weights need no resolution factor)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 # Official code differs: raw cosine logits (scale 1) in the CE, both KLs and the attack, ImageNet mean/std, KL summed
 # over the batch; we keep the paper's structure at CLIP's scale, KL averaged per sample, as AGFT's reproduction does.

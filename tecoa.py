@@ -33,7 +33,7 @@ PAPER = dict(
     step_size=1 / 255,      # official README command (step = eps)
     attack_steps=2,         # official README command (the code's default 5 is not the paper's)
 )
-TOY = dict(lr=1e-3, max_steps=300)  # --toy: the toy world's preset (harness.TOY_WORLD) and these
+TOY = dict(lr=5e-5, max_steps=200)  # --toy: these and the toy world's preset (harness.TOY_WORLD)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 

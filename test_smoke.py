@@ -402,9 +402,9 @@ def test_explicit_flags_win_over_the_toy_preset_and_the_step_follows_eps():
     assert tecoa.get_args(["--toy"]).max_steps == tecoa.TOY["max_steps"]
     assert tecoa.get_args(["--toy", "--lr", "0.5"]).lr == 0.5
     assert tecoa.get_args(["--eps", "4/255"]).step_size == pytest.approx(4 / 255)  # the papers' step = eps
-    assert tecoa.get_args(["--toy", "--eps", "4/255"]).step_size == pytest.approx(2 / 255)  # the toy preset's eps/2
+    assert tecoa.get_args(["--toy", "--eps", "4/255"]).step_size == pytest.approx(4 / 255)
     assert tecoa.get_args(["--eps", "4/255", "--step-size", "1/255"]).step_size == pytest.approx(1 / 255)
-    assert tecoa.get_args([]).step_size == 1 / 255 and tecoa.get_args(["--toy"]).step_size == data.TOY_EPS / 2
+    assert tecoa.get_args([]).step_size == 1 / 255 and tecoa.get_args(["--toy"]).step_size == data.TOY_EPS
 
 
 def test_cross_flag_rules_and_the_output_folder_give_one_line(capsys, tmp_path):
