@@ -681,6 +681,34 @@ def test_toy_dispatch(monkeypatch):
     assert clip.load("toy", device="cpu") == ("toy model on", "cpu")
 
 
+def test_toy_cache_is_keyed_rebuilt_when_corrupt_and_locked(monkeypatch, tmp_path, capsys):
+    import clip.toy as toy
+    monkeypatch.setenv("NANOZSAR_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_pretrain(path, log=print):  # stands in for the minutes of pre-training
+        calls.append(path)
+        assert os.path.exists(path + ".lock")  # pre-training happens under the lock
+        torch.save(toy.build_toy().state_dict(), path)
+
+    monkeypatch.setattr(toy, "pretrain_toy", fake_pretrain)
+    path = toy.toy_cache_path()
+    assert os.path.basename(path) == f"toy_clip-{toy.toy_key()}.pt"
+    with monkeypatch.context() as m:  # a changed recipe is another file
+        m.setattr(toy, "TOY_STEPS", toy.TOY_STEPS + 1)
+        assert toy.toy_cache_path() != path
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    with open(path + ".lock", "w") as f:
+        f.write("999999999")  # a lock left by a process that no longer runs
+    model = toy.load_toy()
+    err = capsys.readouterr().err
+    assert "stale lock" in err and "unreadable" in err and calls == [path]
+    assert model.visual.conv1.kernel_size == (4, 4) and not os.path.exists(path + ".lock")
+    toy.load_toy()  # read from the cache now
+    assert calls == [path]
+
+
 # ----------------------------------------------------------------------------- errors
 
 def test_bad_paths_and_files(tmp_path):
