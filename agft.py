@@ -39,7 +39,7 @@ PAPER = dict(
     gamma=0.4,              # temperature-scaling ratio: paper Sec. 4.1 (official code's default: 1)
     inv_tau=180.0,          # training logit scale 1/tau: paper Sec. 4.1 (official code's default: 100)
 )
-TOY = dict(lr=2.5e-4, max_steps=200)  # --toy: these and the toy world's preset (harness.TOY_WORLD)
+TOY = dict(lr=2e-4, max_steps=200)  # --toy: these and the toy world's preset (harness.TOY_WORLD)
 
 
 # ----------------------------------------------------------------------------- the method
