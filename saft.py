@@ -45,7 +45,7 @@ PAPER = dict(
     alpha=0.08,                # TGA-ZSR's refinement weight (paper Sec. 5.1 adopts TGA-ZSR's loss; official code)
     beta=0.05,                 # TGA-ZSR's constraint weight (as alpha)
 )
-TOY = dict(lr=5e-5, max_steps=200, alpha=0.56, beta=0.35, save_attention=8)  # --toy: these and harness.TOY_WORLD
+TOY = dict(lr=4e-5, max_steps=200, alpha=0.56, beta=0.35, save_attention=8)  # --toy: these and harness.TOY_WORLD
 # alpha, beta: the paper's 0.08, 0.05 times 7. The map distance is an unsquared L2 norm over the H x W upsampled
 # map, so the same per-pixel disagreement weighs 224/32 = 7 times less at the toy's 32 px than at 224 px.
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
