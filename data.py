@@ -808,6 +808,11 @@ TOY_TRAIN_SEED, TOY_EVAL_SEED = 0, 1
 TOY_EPS = 16 / 255  # at 32 px an L-inf eps buys ~7x less L2 norm than at 224 px: 16/255 here ~ 2.3/255 on ViT-B/32
 
 
+def toy_train_label(colour, position):
+    """The fine-tuning class (index into TOY_TRAIN_NAMES) of a colour and a position index, scalars or tensors."""
+    return colour * len(TOY_POSITIONS) + position
+
+
 def toy_attributes(n, g):
     """n independent uniform draws of every attribute: {name: LongTensor [n]}."""
     return {k: torch.randint(len(v), (n,), generator=g) for k, v in TOY_ATTRS.items()}
@@ -867,10 +872,10 @@ TOY_PREFIXES = ["a photo of", "an image of", "a picture of", "this is a photo of
 
 def toy_minimal_sets(n, g, grouped=TOY_GROUPED, varied=TOY_VARIED):
     """n attribute draws of which a share `grouped` comes in minimal sets: up to 4 images that agree in every
-    attribute but one, each with a different value of it. Contrastive pre-training on random batches can match
-    most captions from colour, count, size and position alone; a minimal set can only be told apart by its varied
-    attribute, which is how the tiny ViT learns shape within minutes. Returns (attributes, must), where must[i]
-    names the attribute image i's caption has to mention (None outside the sets)."""
+    attribute but one, each with a different value of it. In random batches most captions can be matched from
+    colour alone; a minimal set can only be told apart by its varied attribute, which is how the tiny ViT learns
+    size, count and position within minutes. Returns (attributes, must), where must[i] names the attribute image
+    i's caption has to mention (None outside the sets)."""
     a = toy_attributes(n, g)
     must, names, w = [None] * n, list(varied), torch.tensor([float(v) for v in varied.values()])
     i, end = 0, int(grouped * n)
@@ -895,8 +900,9 @@ def _plural(noun):
 def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
     """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
     (the noun is replaced by "object" with p["object"]), and always if it is `must`, so the text tower also learns
-    partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue square"),
-    naming a fine-tuning class the image is not: Comp-TGA's non-class prompts are in the language it learns."""
+    partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue object on
+    the left side"), naming a fine-tuning class the image is not: Comp-TGA's non-class prompts are in the language
+    it learns."""
     q = {k: (1.0 if k == must else v) for k, v in p.items()}
     if must == "shape":
         q["object"] = 0.0
@@ -916,16 +922,16 @@ def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
     rng.shuffle(phrases)
     text = " ".join(words + phrases)
     if rng.random() < q["negation"]:  # a fine-tuning class the image is not
-        own = int(a["colour"][i]) * len(TOY_POSITIONS) + int(a["position"][i])
+        own = int(toy_train_label(a["colour"][i], a["position"][i]))
         wrong = rng.choice([n for k, n in enumerate(TOY_TRAIN_NAMES) if k != own])
         return f"{text}. this is not a photo of a {wrong}" + ("." if rng.random() < 0.5 else "")
     return text + ("." if rng.random() < 0.5 else "")
 
 
-def toy_caption_batch(n, g, grouped=TOY_GROUPED):
+def toy_caption_batch(n, g):
     """n fresh images [n, 3, 32, 32] (float, [0,1]) and their captions, drawn with the torch generator g."""
     import random
-    a, must = toy_minimal_sets(n, g, grouped)
+    a, must = toy_minimal_sets(n, g)
     rng = random.Random(int(torch.randint(2 ** 62, (), generator=g)))
     return toy_render(a, g), [_toy_caption(a, i, rng, must[i]) for i in range(n)]
 
@@ -948,7 +954,7 @@ def toy_dataset(task, n, seed, chunk=1024):
     for start in range(0, n, chunk):
         a = toy_attributes(min(chunk, n - start), g)
         images.append((toy_render(a, g) * 255).round().to(torch.uint8))
-        labels.append(a["colour"] * len(TOY_POSITIONS) + a["position"] if attr is None else a[attr])
+        labels.append(toy_train_label(a["colour"], a["position"]) if attr is None else a[attr])
     return ToyDataset(torch.cat(images), torch.cat(labels), classnames, template)
 
 
