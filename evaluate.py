@@ -26,6 +26,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -480,18 +481,19 @@ def report_clean(run, model_name, results, names=None, over=None, protocol=None)
     return save_results(run, out, [], {}, protocol)
 
 
-def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None):
+def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None,
+           baseline_seconds=None):
     """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
 
     names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON;
-    sweep: eps_sweep's (sweep, failed)."""
+    sweep: eps_sweep's (sweep, failed); baseline_seconds: the time the baseline took (evaluated, or read from the cache)."""
     models = {"before": baseline, "after": results} if baseline else {"model": results}
     run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
             f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over)}")
     out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results, over),
            "average_over": averaged(results, over)}
     if baseline:
-        out["baseline"] = {"results": baseline, "average": average(baseline, over)}
+        out["baseline"] = {"results": baseline, "average": average(baseline, over), "seconds": baseline_seconds}
     if sweep:
         out["checks"] = {"eps_sweep": sweep[0]}
     failed = sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else [])
@@ -543,15 +545,18 @@ def final_evaluation(encoder, args, run):
     attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
     prompts = getattr(args, "prompts", None)
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
-    baseline = None
+    baseline = baseline_seconds = None
     f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
     if args.eval_baseline:
+        t0 = time.time()
         baseline = harness.baseline_results(model, sets, cfg, args, run, lambda: evaluate(
             f0, model, sets, attack, run, args.batch_size, args.workers, attack0))
+        baseline_seconds = time.time() - t0  # ~0 when cached: the first run with these settings pays it
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
     over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
-    out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None)
+    out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None,
+                 baseline_seconds=baseline_seconds)
     if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
     harness.unlock_folder(args.out_dir)  # the run is over

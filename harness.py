@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 import clip
 import data
+from clip.loader import file_lock, write_atomically
 
 # ----------------------------------------------------------------------------- errors, flags, checks before the run
 
@@ -288,45 +289,7 @@ def fmt_time(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-# ----------------------------------------------------------------------------- files: atomic writes and locks
-
-
-@contextlib.contextmanager
-def file_lock(path, run=None):
-    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
-    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            (run.log if run else print)(f"waiting for another process that holds {path}.lock")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def write_atomically(path, write, mode="w"):
-    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
-    the old one, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# ----------------------------------------------------------------------------- files
 
 
 def write_json(path, obj):
@@ -730,7 +693,7 @@ def baseline_results(model, sets, cfg, args, run, evaluate_f0):
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", digest + ".json")
     key = json.loads(json.dumps(key))  # as it reads back from JSON
-    with file_lock(path, run) if run.world == 1 else contextlib.nullcontext():
+    with file_lock(path, run.log) if run.world == 1 else contextlib.nullcontext():
         cached, why = read_cached_results(path, key, list(sets))
         if why:
             run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "

@@ -682,13 +682,15 @@ def test_toy_dispatch(monkeypatch):
 
 
 def test_toy_cache_is_keyed_rebuilt_when_corrupt_and_locked(monkeypatch, tmp_path, capsys):
+    import fcntl
     import clip.toy as toy
     monkeypatch.setenv("NANOZSAR_CACHE", str(tmp_path))
     calls = []
 
     def fake_pretrain(path, log=print):  # stands in for the minutes of pre-training
         calls.append(path)
-        assert os.path.exists(path + ".lock")  # pre-training happens under the lock
+        with open(path + ".lock") as f, pytest.raises(BlockingIOError):  # pre-training happens under the lock
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         torch.save(toy.build_toy().state_dict(), path)
 
     monkeypatch.setattr(toy, "pretrain_toy", fake_pretrain)
@@ -700,11 +702,11 @@ def test_toy_cache_is_keyed_rebuilt_when_corrupt_and_locked(monkeypatch, tmp_pat
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
     with open(path + ".lock", "w") as f:
-        f.write("999999999")  # a lock left by a process that no longer runs
+        f.write("999999999")  # a lock file left by a process that died: no process holds its lock
     model = toy.load_toy()
     err = capsys.readouterr().err
-    assert "stale lock" in err and "unreadable" in err and calls == [path]
-    assert model.visual.conv1.kernel_size == (4, 4) and not os.path.exists(path + ".lock")
+    assert "unreadable" in err and "waiting" not in err and calls == [path]
+    assert model.visual.conv1.kernel_size == (4, 4)
     toy.load_toy()  # read from the cache now
     assert calls == [path]
 
@@ -2491,7 +2493,7 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
     assert len(calls) == 6 and not [f for f in os.listdir(path.parent) if ".tmp" in f]
     held, log = threading.Event(), []
     with harness.file_lock(str(path)):  # a second process (here: thread) waits for the lock
-        t = threading.Thread(target=lambda: harness.file_lock(str(path), SimpleNamespace(log=log.append)).__enter__()
+        t = threading.Thread(target=lambda: harness.file_lock(str(path), log.append).__enter__()
                              or held.set())
         t.start()
         assert not held.wait(0.3)

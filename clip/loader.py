@@ -11,6 +11,7 @@ A path loads a TorchScript archive as OpenAI publishes them (fp16, converted to 
 state dict (optionally under "state_dict", optionally with DistributedDataParallel's "module." prefix).
 "toy" loads the small toy CLIP of clip/toy.py. Every failure raises CLIPError with a one-line message.
 """
+import contextlib
 import hashlib
 import os
 import sys
@@ -197,3 +198,43 @@ def one_line(e):
     else:
         text = " ".join(str(e.reason if isinstance(e, urllib.error.URLError) else e).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
+
+
+# cache files: a lock while one process writes, and atomic writes (used by the toy cache and the run harness)
+
+@contextlib.contextmanager
+def file_lock(path, log=print):
+    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
+    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process that holds {path}.lock")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_atomically(path, write, mode="w"):
+    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
+    the old one, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

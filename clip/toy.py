@@ -4,8 +4,8 @@
 (a few minutes on one CPU thread, deterministic from the seed) and saved as a plain state dict with OpenAI's key
 names, so `build_model` loads it like any released checkpoint. Cache: $NANOZSAR_CACHE/toy_clip-<key>.pt, by default
 under ~/.cache/nanozsar, where <key> hashes the architecture, the recipe and the world's version, so a changed
-recipe never loads stale weights. A lock file lets one process pre-train while the others wait; an unreadable
-cache file is pre-trained again.
+recipe never loads stale weights. A lock (flock on <file>.lock) lets one process pre-train while the others wait;
+an unreadable cache file is pre-trained again.
 
 The toy world runs on one CPU thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine two threads are
 at best about 1.5x faster when nothing else runs, and several times slower as soon as anything else does.
@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .loader import file_lock, write_atomically
 from .model import CLIP, MEAN, STD, build_model
 
 # ViT-B/32's architecture at toy scale: 32 px images cut into 4x4 patches (an 8x8 grid, so attention maps carry
@@ -129,42 +130,8 @@ def pretrain_toy(path, steps=TOY_STEPS, batch_size=TOY_BATCH, lr=TOY_LR, seed=TO
             log(f"toy pre-training: step {step}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f}"
                 f" lr {sched.get_last_lr()[0]:.2e} {el:.0f}s elapsed, ETA {el / step * (steps - step):.0f}s")
     model.eval()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(model.state_dict(), f), "wb")
     return model
-
-
-def _lock(path, log):
-    """Create path.lock (holding our pid) or wait while a live process holds it; a dead holder's lock is taken over."""
-    lock = path + ".lock"
-    waited = False
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return lock
-        except FileExistsError:
-            try:
-                pid = int(open(lock).read() or 0)
-                os.kill(pid, 0)  # raises if no such process
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                log(f"toy CLIP: removing a stale lock {lock}")
-                try:
-                    os.remove(lock)
-                except FileNotFoundError:
-                    pass
-                continue
-            except PermissionError:
-                pass  # the process exists under another user
-            if not waited:
-                log(f"toy CLIP: another process (pid {pid}) is pre-training it; waiting for {path}")
-                waited = True
-            time.sleep(2)
-            if os.path.exists(path):
-                return None
 
 
 def _read(path, log):
@@ -181,15 +148,11 @@ def load_toy(device="cpu"):
     path = toy_cache_path()
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     model = _read(path, log) if os.path.exists(path) else None
-    while model is None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        lock = _lock(path, log)
-        try:
-            if lock and (not os.path.exists(path) or _read(path, log) is None):
+    if model is None:
+        with file_lock(path, log):  # one process pre-trains; any other waits here, then reads its file
+            model = _read(path, lambda s: None) if os.path.exists(path) else None
+            if model is None:
                 log(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on one CPU thread)")
                 pretrain_toy(path, log=log)
-        finally:
-            if lock:
-                os.remove(lock)
-        model = _read(path, log)
+                model = _read(path, log)
     return model.to(device)
