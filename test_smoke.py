@@ -265,13 +265,13 @@ def test_ddp_two_processes_end_identical(tiny_ckpt, tiny_folder, tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(f"""import os, sys, torch
 sys.path.insert(0, {ROOT!r})
-import evaluate, tecoa
+import evaluate, harness, tecoa
 final = evaluate.final_evaluation
 def save_weights_then_evaluate(encoder, args, run):  # every rank writes its own weights
     torch.save(encoder.visual.state_dict(), os.path.join(args.out_dir, f"weights_rank{{run.rank}}.pt"))
     return final(encoder, args, run)
 evaluate.final_evaluation = save_weights_then_evaluate
-tecoa.main(sys.argv[1:])
+harness.cli(lambda: tecoa.main(sys.argv[1:]))  # as `python tecoa.py`: the process group is destroyed at the end
 """)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
