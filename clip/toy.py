@@ -30,8 +30,8 @@ from .model import CLIP, MEAN, STD, build_model
 TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=4,
                   context_length=32, vocab_size=49408, transformer_width=64, transformer_heads=1,
                   transformer_layers=2)
-TOY_STEPS, TOY_BATCH, TOY_LR, TOY_SEED = 850, 128, 1e-3, 0
-TOY_VERSION = 2  # of the world and the recipe: bump it when data.py's toy world or pre-training changes
+TOY_STEPS, TOY_BATCH, TOY_LR, TOY_SEED = 1000, 128, 1e-3, 0
+TOY_VERSION = 3  # of the world and the recipe: bump it when data.py's toy world or pre-training changes
 
 
 def toy_key():
