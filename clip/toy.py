@@ -8,7 +8,7 @@ recipe never loads stale weights. A lock (flock on <file>.lock) lets one process
 an unreadable cache file is pre-trained again.
 
 The toy world runs on one CPU thread unless OMP_NUM_THREADS says otherwise: on a 2-core machine two threads are
-about 1.8x faster when nothing else runs, and about ten times slower as soon as anything else does.
+about 1.8x faster when nothing else runs, and about nine times slower as soon as anything else does.
 Measured numbers for the pre-trained model are in the README's toy section (`python toy_table.py` prints them).
 """
 import hashlib
