@@ -21,6 +21,7 @@ from torch.utils.flop_counter import flop_registry
 import attacks
 import clip
 import harness
+import toy
 
 METHODS = ["tecoa", "pmg_aft", "tga_zsr", "comp_tga", "saft", "agft"]
 # OpenAI's architectures (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -77,8 +78,7 @@ class FlopCount(TorchDispatchMode):
 
 def build(name, device):
     if name == "toy":
-        from clip.toy import TOY_CONFIG
-        return clip.CLIP(**TOY_CONFIG).to(device).eval()
+        return clip.CLIP(**toy.CONFIG).to(device).eval()
     if name not in CONFIGS:
         raise harness.UsageError(f"unknown --model {name} (known: toy, {', '.join(CONFIGS)})")
     return clip.CLIP(*CONFIGS[name]).to(device).eval()

@@ -1,6 +1,6 @@
 """Comp-TGA: complementary text-guided attention for zero-shot robustness (the journal extension of TGA-ZSR).
 
-TGA-ZSR (tga_zsr.py) with the complementary map A = A_cls * (1 - A_non) wherever a map appears (see attention()
+TGA-ZSR (tga_zsr.py) with the complementary map A = A_cls * (1 - A_non) wherever a map appears (see attention_map()
 below): A_cls from the class prompt "This is a photo of a {c}", A_non from the non-class prompt
 "This is not a photo of a {c}", both for the ground-truth class, from the same forward pass:
     L = CE(s * cos(f(x_adv), T), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+import attention
 import clip
 import data
 import evaluate
@@ -67,49 +68,40 @@ def setup_method(model, train_set, encoder, args, run):
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     cls = clip.encode_text(model, [f"This is a photo of a {c}" for c in train_set.classnames]).to(run.device)
     non = clip.encode_text(model, [f"This is not a photo of a {c}" for c in train_set.classnames]).to(run.device)
-    return SimpleNamespace(text=cls, f0=f0, cls=cls, non=non)
+    return SimpleNamespace(text=cls, f0=f0, non=non)  # text: T, the head's and A_cls's
 
 
-def training_targets(x, y, m, args):
+def training_targets(x, y, fixed, args):
     """The hard labels y, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
-    return y, attention(m.f0(x, all_tokens=True), y, x, m)
+    return y, attention_map(fixed.f0(x, all_tokens=True), y, x, fixed)
 
 
-def attention(tokens, y, x, m):
-    """A = A_cls * (1 - A_non) (Eq. 6-8), [B, H, W] in [0, 1], from one forward's tokens and each sample's
-    ground-truth class only, computed by clip.complementary_attention. Each of A_cls (text: the class prompt's
-    feature) and A_non (the non-class prompt's) is TGA-ZSR's map A(x, t) (clip.text_guided_attention):
-      tokens: every output token of the ViT after ln_post and the projection, [B, 1+P, D];
-      1. each feature channel is divided by its L2 norm over the token axis (dim 1, the CLS token included; the
-         official code's normalisation, not a per-token cosine);
-      2. the P patch tokens are kept and each scored by its dot product with t;
-      3. the P scores are min-max normalised per image;
-      4. reshaped row-major to sqrt(P) x sqrt(P), the patch grid;
-      5. upsampled bilinearly (align_corners=False) to x's H x W.
-    The product is not renormalised. Two maps are compared by clip.map_distance: the unsquared L2 norm of their
-    difference over the flattened H*W map, per sample, averaged over the batch."""
-    return clip.complementary_attention(tokens, m.cls[y], m.non[y], x.shape[-2:])
+def attention_map(tokens, y, x, fixed):
+    """A = A_cls * (1 - A_non) (Eq. 6-8), [B, H, W] in [0, 1]: the maps of each sample's ground-truth class prompt
+    (A_cls, its text also the classification head's) and non-class prompt (A_non) over one forward's tokens,
+    upsampled to x's size (attention.complementary)."""
+    return attention.complementary(tokens, fixed.text[y], fixed.non[y], x.shape[-2:])
 
 
-def train_attack(f, x, targets, m, args):
+def train_attack(f, x, targets, fixed, args):
     """PGD on the CE term only: L-inf, random start, sign steps, input gradient only."""
     y, _ = targets
     # the official attack also leaks its CE gradients into the parameters' .grad; ours takes input gradients only.
     # The official code re-seeds the generator with one fixed seed before every attack, so every batch starts from
     # the same random pattern; here the seed changes with the step (main()), so each batch gets a fresh start.
-    return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
+    return attacks.pgd(clip.ZeroShotClassifier(f, fixed.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
-def loss_fn(f, x, x_adv, targets, m, args):
+def loss_fn(f, x, x_adv, targets, fixed, args):
     """Comp-TGA's loss (Eq. 15): CE (Eq. 1) + alpha * refinement (Eq. 9, 11) + beta * constraint (Eq. 12, 14).
 
     With training_targets' f0(x): 3 forward passes (f0 no grad) and 2 backward per step, as the AGFT paper's
     Table 10 counts."""
     y, a0 = targets
     tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
-    ce = F.cross_entropy(clip.cosine_logits(tokens[:, 0], m.text, SCALE), y)
-    refine = clip.map_distance(attention(tokens, y, x, m), a0)
-    constrain = clip.map_distance(attention(f(x, all_tokens=True), y, x, m), a0)
+    ce = F.cross_entropy(clip.cosine_logits(tokens[:, 0], fixed.text, SCALE), y)
+    refine = attention.map_distance(attention_map(tokens, y, x, fixed), a0)
+    constrain = attention.map_distance(attention_map(f(x, all_tokens=True), y, x, fixed), a0)
     loss = ce + args.alpha * refine + args.beta * constrain
     return loss, {"ce": ce.detach(), "refine": refine.detach(), "constrain": constrain.detach()}
 
@@ -129,21 +121,21 @@ def main(argv=None):
     args = get_args(argv)
     harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
-    model = clip.load(args.model, device=run.device)
+    model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
                                   prompts=args.prompts)
-    m = setup_method(model, train_set, encoder, args, run)
+    fixed = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume(total, evaluate.load_visual)  # 0 for a new run, else the checkpoint's (its weights: evaluate.py)
+    step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored
     f = torch.compile(encoder) if args.compile else encoder
     f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
+    log = harness.TrainLog(args, run, model, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
@@ -154,12 +146,12 @@ def main(argv=None):
             # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                targets = training_targets(x, y, m, args)  # 1
+                targets = training_targets(x, y, fixed, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, targets, m, args)  # 2
+                x_adv = train_attack(f, x, targets, fixed, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+                loss, terms = loss_fn(f_train, x, x_adv, targets, fixed, args)  # 3
             log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
@@ -173,7 +165,7 @@ def main(argv=None):
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
+    evaluate.final_evaluation(encoder, model, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":

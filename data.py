@@ -1,4 +1,5 @@
-"""Datasets: the offline toy world, image folders, and the real training and zero-shot evaluation sets.
+"""Datasets: image folders, the real training and zero-shot evaluation sets with their prompts, the pre-flight checks
+and the sampler; the toy world's sets come from toy.py.
 
 Every dataset yields (image, label) with images in [0,1] (float) or as uint8 tensors (small in-memory sets,
 converted on the device by `to_device`), and carries `.classnames` (list of str) and `.template` (a prompt with
@@ -8,6 +9,8 @@ import os
 
 import torch
 from torch.utils.data import DataLoader, Sampler
+
+import toy
 
 
 class DataError(Exception):
@@ -30,14 +33,11 @@ def prompts(dataset):
 
 
 def image_transform(resolution):
-    """Resize the shorter side (bicubic), centre-crop to the model resolution, to a [0,1] tensor; no augmentation."""
+    """Resize the shorter side (bicubic), centre-crop to the model resolution, to a uint8 tensor (to_device makes it
+    float on the device: the workers send a quarter of the bytes); no augmentation."""
     from torchvision import transforms as T
     return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
-                      T.Lambda(_rgb), T.ToTensor()])
-
-
-def _rgb(img):
-    return to_rgb(img)
+                      T.Lambda(to_rgb), T.PILToTensor()])
 
 
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit grey images (PNG, TIFF); "I" as well
@@ -130,50 +130,6 @@ def scan_images(ds, name, workers=16):
         raise DataError(f"{name}: {len(problems)} of {len(files)} images cannot be read{f' under {base}' if base else ''}: "
                         f"{shown}{more}; remove or replace them")
     _SCANNED.add(key)
-
-
-def fingerprint(ds):
-    """A digest of what a dataset holds, for keying caches on content rather than on a folder's path: its classes,
-    template and resizing, which samples (a Subset's indices), and its images: in-memory arrays and labels by their
-    bytes, image files by path relative to their common folder, size and modification time (a file that changes
-    changes the digest; the same files elsewhere do not)."""
-    import hashlib
-    import numpy as np
-    h = hashlib.sha1()
-
-    def add(*parts):
-        for part in parts:
-            if isinstance(part, torch.Tensor):
-                part = part.detach().cpu().contiguous().numpy()
-            if isinstance(part, np.ndarray):
-                h.update(f"{part.dtype} {part.shape}".encode())
-                h.update(np.ascontiguousarray(part).tobytes())
-            else:
-                h.update(repr(part).encode())
-            h.update(b"\0")
-    add(list(ds.classnames), ds.template, getattr(ds, "resize_to", None), len(ds))
-    while isinstance(ds, torch.utils.data.Subset):
-        add("subset", list(ds.indices))
-        ds = ds.dataset
-    for attr in ("tensors", "data", "targets", "labels", "_labels"):  # in-memory images, and labels
-        value = getattr(ds, attr, None)
-        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
-            add(attr, *value)
-        elif isinstance(value, (np.ndarray, torch.Tensor, list)):
-            add(attr, value)
-    samples = getattr(ds, "samples", None) or getattr(ds, "_samples", None)
-    if isinstance(samples, list):
-        add("labels", [t[1] for t in samples if isinstance(t, tuple) and len(t) > 1])
-    files = image_files(ds)
-    folder = getattr(ds, "_base_folder", None)
-    if not files and folder is not None and os.path.isdir(folder):  # e.g. PCAM's .h5 files, read lazily
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
-    if files:
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-        for f in files:
-            st = os.stat(f)
-            add(os.path.relpath(os.path.abspath(f), base), st.st_size, st.st_mtime_ns)
-    return h.hexdigest()
 
 
 def check_classes(ds, name, folders=None, prompts=True):
@@ -326,16 +282,16 @@ def flowers_agft():
     return [n.replace("-", " ").replace("?", "").replace("'", "") for n in FLOWERS]
 
 
-def refine(name):
-    """AGFT's class-name rule: lower case, '_', '-' and '/' read as spaces, surrounding spaces stripped."""
-    return name.lower().replace("_", " ").replace("-", " ").replace("/", " ").strip()
-
-
 def lower_spaces(name, slash=True):
-    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): refine without the strip; its dataset files
-    with prompts of their own leave '/' alone (slash=False)."""
+    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): lower case, '_', '-' and '/' read as
+    spaces; its dataset files with prompts of their own leave '/' alone (slash=False)."""
     name = name.lower().replace("_", " ").replace("-", " ")
     return name.replace("/", " ") if slash else name
+
+
+def refine(name):
+    """AGFT's class-name rule: the TeCoA family's, surrounding spaces stripped."""
+    return lower_spaces(name).strip()
 
 
 def imagenet_classnames():
@@ -436,17 +392,19 @@ def _files(folder, ext=".jpg"):
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(ext))
 
 
-def _caltech101(path, root, tf, train, download):
-    # The 101 category folders (the background class left out), one class each; AGFT's convention then merges two
-    # (_caltech101_person). Read here rather than with torchvision's Caltech101, which imports scipy for every image.
-    if download and not os.path.isdir(os.path.join(path, "101_ObjectCategories")):
-        import torchvision
-        torchvision.datasets.Caltech101(root, download=True)
-    cats = _subfolders(os.path.join(path, "101_ObjectCategories"))
-    cats = [c for c in cats if c != "BACKGROUND_Google"]
-    samples = [(os.path.join(path, "101_ObjectCategories", c, f), i) for i, c in enumerate(cats)
-               for f in _files(os.path.join(path, "101_ObjectCategories", c))]
-    return ImageList(samples, cats, tf)
+def _caltech(which, folder):
+    # One class per category folder (Caltech-101's background class left out; AGFT's convention then merges two
+    # classes, _caltech101_person). Read here rather than with torchvision's classes (Caltech101 imports scipy for
+    # every image); --download goes through them.
+    def load(path, root, tf, train, download):
+        if download and not os.path.isdir(os.path.join(path, folder)):
+            import torchvision
+            getattr(torchvision.datasets, which)(root, download=True)
+        cats = [c for c in _subfolders(os.path.join(path, folder)) if c != "BACKGROUND_Google"]
+        samples = [(os.path.join(path, folder, c, f), i) for i, c in enumerate(cats)
+                   for f in _files(os.path.join(path, folder, c))]
+        return ImageList(samples, cats, tf)
+    return load
 
 
 def _caltech101_person(ds):
@@ -458,37 +416,19 @@ def _caltech101_person(ds):
     return ["person"] + [refine(c) for c in rest]
 
 
-def _caltech256(path, root, tf, train, download):
-    # "NNN.name" folders (class names: _caltech256_name)
-    if download and not os.path.isdir(os.path.join(path, "256_ObjectCategories")):
-        import torchvision
-        torchvision.datasets.Caltech256(root, download=True)
-    cats = _subfolders(os.path.join(path, "256_ObjectCategories"))
-    samples = [(os.path.join(path, "256_ObjectCategories", c, f), i) for i, c in enumerate(cats)
-               for f in _files(os.path.join(path, "256_ObjectCategories", c))]
-    return ImageList(samples, cats, tf)
-
-
 def _caltech256_name(c):
     # "NNN." dropped, and the "-101" suffix of the classes shared with Caltech-101 (every convention)
     return refine(c[4:].replace("-101", ""))
 
 
-def _torchvision(cls_name, **kw):
-    """A loader that builds torchvision's class; its `classes` are the source names."""
+def _torchvision(cls_name, has_train=False, **kw):
+    """A loader that builds torchvision's class (with train=... where it has a training split); its `classes` are the
+    source names."""
     def load(path, root, tf, train, download):
         import torchvision
-        ds = getattr(torchvision.datasets, cls_name)(root, transform=tf, download=download, **kw)
+        split = {"train": train} if has_train else {}
+        ds = getattr(torchvision.datasets, cls_name)(root, transform=tf, download=download, **split, **kw)
         ds.source_names = list(getattr(ds, "classes", []))
-        return ds
-    return load
-
-
-def _cifar(cls_name):
-    def load(path, root, tf, train, download):
-        import torchvision
-        ds = getattr(torchvision.datasets, cls_name)(root, train=train, transform=tf, download=download)
-        ds.source_names = list(ds.classes)
         return ds
     return load
 
@@ -522,14 +462,9 @@ def _boeing(variant):
     return f"Boeing {variant}" if variant.startswith("7") else variant
 
 
-def _pcam_names(ds):
-    # AGFT's fixed prompts, so the template is "{}"; FARE uses "a histopathology slide showing {}".
-    return ["This is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
-
-
-def _pcam_names_tecoa(ds):
-    # The TeCoA family's, misspelt "Tthis" in its code
-    return ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
+# PCAM's two fixed prompts (so its template is "{}"): AGFT's, and the TeCoA family's, misspelt "Tthis" in its code
+PCAM_AGFT = ["This is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
+PCAM_TGA = ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
 
 
 def _country_names(ds, full=False):
@@ -590,10 +525,10 @@ def _imagenet_variant(name):
 # Each loader returns the set with `source_names`, the class names as it read them (folder names, torchvision's
 # classes; ImageNet's and TinyImageNet's names as AGFT writes them), in label order; PROMPTS turns them into prompts.
 LOADERS = {
-    "caltech101": _caltech101,
-    "caltech256": _caltech256,
-    "cifar10": _cifar("CIFAR10"),
-    "cifar100": _cifar("CIFAR100"),
+    "caltech101": _caltech("Caltech101", "101_ObjectCategories"),
+    "caltech256": _caltech("Caltech256", "256_ObjectCategories"),
+    "cifar10": _torchvision("CIFAR10", has_train=True),
+    "cifar100": _torchvision("CIFAR100", has_train=True),
     "dtd": _torchvision("DTD", split="test", partition=1),
     "eurosat": _eurosat,
     "fgvc_aircraft": _torchvision("FGVCAircraft", split="test", annotation_level="variant"),
@@ -642,7 +577,7 @@ PROMPTS = {
         "food101": (SETS["food101"][2], _each(refine)),
         "imagenet": (SETS["imagenet"][2], _each(str)),  # Keras-style names, case kept
         "oxford_pets": (SETS["oxford_pets"][2], _each(refine)),
-        "pcam": (SETS["pcam"][2], _pcam_names),
+        "pcam": (SETS["pcam"][2], lambda ds: list(PCAM_AGFT)),
         # the year (last 5 characters) dropped, '-' read as a space, case kept
         "stanford_cars": (SETS["stanford_cars"][2], _each(lambda c: c[:-5].replace("-", " "))),
         "stl10": (SETS["stl10"][2], _each(str)),  # torchvision's names as they are
@@ -666,7 +601,7 @@ PROMPTS = {
         "food101": ("A photo of {}, a type of food.", _each(_no_slash)),
         "imagenet": (GENERIC, _each(lower_spaces)),
         "oxford_pets": ("A photo of a {}, a type of pet.", _each(_no_slash)),
-        "pcam": ("{}", _pcam_names_tecoa),
+        "pcam": ("{}", lambda ds: list(PCAM_TGA)),
         "stanford_cars": ("A photo of a {}.", _each(lambda c: _no_slash(c[:-5]))),  # "ram c/v cargo van minivan"
         "stl10": (GENERIC, _each(lower_spaces)),
         "sun397": (GENERIC, _each(lower_spaces)),
@@ -698,15 +633,15 @@ def where(name):
 def check_dataset(name, root, train=False, download=False):
     """Raise DataError (one line) unless the set's files are where load_dataset will look (or --download can fetch
     them). Cheap: reads no images, so evaluate.py runs it before loading the model."""
-    if name == TOY_TRAIN or name in TOY_HELDOUT or name == "imagefolder":
+    if name in toy.TASKS or name == "imagefolder":
         return
     known = canonical_name(name)
     if known is None:
         raise DataError(f"unknown dataset '{name}' (known: {', '.join(ZERO_SHOT_SETS + EXTRA_SETS)}, imagefolder, "
-                        f"{TOY_TRAIN}, {', '.join(TOY_HELDOUT)})")
+                        f"{', '.join(toy.TASKS)})")
     if train and known not in TRAIN_SETS:
         raise DataError(f"{known} is an evaluation set; training sets: {', '.join(TRAIN_SETS)}, imagefolder, "
-                        f"{TOY_TRAIN}")
+                        f"{toy.TRAIN}")
     if root is None:
         raise DataError(f"{known}: no --data-root given; {where(known)}")
     path = os.path.join(root, SETS[known][0])
@@ -734,8 +669,8 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     and with scan every image file readable (scan_images)."""
     if (prompts or "agft") not in PROMPTS:
         raise DataError(f"unknown prompt convention '{prompts}' (known: {', '.join(PROMPTS)})")
-    if name == TOY_TRAIN or name in TOY_HELDOUT:
-        return toy_dataset(name, TOY_TRAIN_SIZE if train else TOY_EVAL_SIZE, seed=TOY_TRAIN_SEED if train else TOY_EVAL_SEED)
+    if name in toy.TASKS:
+        return toy.dataset(name, toy.TRAIN_SIZE if train else toy.EVAL_SIZE, toy.TRAIN_SEED if train else toy.EVAL_SEED)
     if name == "imagefolder":
         if root is None:
             raise DataError("--train-set imagefolder needs --data-root DIR (a DIR/<class name>/<images> tree)")
@@ -768,226 +703,3 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     if scan:
         scan_images(ds, known)
     return ds
-
-
-# --- the toy world ---
-# A procedurally generated world of coloured shapes on textured backgrounds, with captions: the offline stand-in
-# for web image-text pairs (pre-training), ImageNet (fine-tuning) and the zero-shot transfer sets (held out).
-# Every image holds 1-3 copies of one shape, all of one colour and one size, grouped in one half of the image, on a
-# grey background with a texture. Images are rendered in batches from signed-distance functions, all in torch, and
-# are a deterministic function of the seed. Fine-tuning labels ("toy", playing ImageNet) are colour x position
-# ("a photo of a red object on the left side.") over images of the whole world; the held-out zero-shot tasks
-# (playing the transfer sets) never use those labels: two ask about attributes no fine-tuning label names (size,
-# count), one groups the fine-tuning classes differently (colour alone, as CIFAR-10's classes group ImageNet's).
-# Shape and background texture are nuisance attributes: in the pictures and the captions, but the tiny ViT does
-# not learn them reliably within its pre-training budget, so no task asks about them.
-
-TOY_RES = 32
-TOY_SHAPES = ["circle", "square", "triangle", "cross"]
-TOY_COLOURS = {"red": (0.90, 0.12, 0.10), "green": (0.15, 0.75, 0.20), "blue": (0.15, 0.30, 0.95),
-               "yellow": (0.95, 0.90, 0.15), "purple": (0.60, 0.20, 0.80), "orange": (1.00, 0.55, 0.05),
-               "cyan": (0.10, 0.85, 0.90), "white": (0.97, 0.97, 0.97)}
-TOY_SIZES = ["small", "large"]
-TOY_POSITIONS = ["left", "right", "top", "bottom"]
-TOY_BACKGROUNDS = ["plain", "striped", "checkered", "noisy"]
-TOY_COUNTS = ["one", "two", "three"]
-TOY_ATTRS = {"shape": TOY_SHAPES, "colour": list(TOY_COLOURS), "size": TOY_SIZES, "position": TOY_POSITIONS,
-             "background": TOY_BACKGROUNDS, "count": TOY_COUNTS}
-
-TOY_TRAIN = "toy"  # fine-tuning task: "a photo of a {colour} object on the {position} side." (32 classes)
-TOY_TRAIN_NAMES = [f"{c} object on the {p} side" for c in TOY_COLOURS for p in TOY_POSITIONS]
-TOY_TASKS = {  # task -> (attribute, class names, template); class i of a held-out task is value i of its attribute
-    TOY_TRAIN: (None, TOY_TRAIN_NAMES, "a photo of a {}."),
-    "toy_size": ("size", TOY_SIZES, "a photo of {} objects."),  # the best of 8 templates on images of another seed
-    "toy_count": ("count", [f"{c} object{'s' * (i > 0)}" for i, c in enumerate(TOY_COUNTS)], "a photo of {}."),
-    "toy_colour": ("colour", list(TOY_COLOURS), "a photo of a {} object."),
-}
-TOY_HELDOUT = [t for t in TOY_TASKS if t != TOY_TRAIN]
-TOY_TRAIN_SIZE, TOY_EVAL_SIZE = 50_000, 300
-TOY_TRAIN_SEED, TOY_EVAL_SEED = 0, 1
-TOY_EPS = 16 / 255  # at 32 px an L-inf eps buys ~7x less L2 norm than at 224 px: 16/255 here ~ 2.3/255 on ViT-B/32
-
-
-def toy_train_label(colour, position):
-    """The fine-tuning class (index into TOY_TRAIN_NAMES) of a colour and a position index, scalars or tensors."""
-    return colour * len(TOY_POSITIONS) + position
-
-
-def toy_attributes(n, g):
-    """n independent uniform draws of every attribute: {name: LongTensor [n]}."""
-    return {k: torch.randint(len(v), (n,), generator=g) for k, v in TOY_ATTRS.items()}
-
-
-def _u(g, *shape, lo=0.0, hi=1.0):
-    return lo + (hi - lo) * torch.rand(*shape, generator=g)
-
-
-def toy_render(a, g, res=TOY_RES):
-    """Attributes {name: [n]} -> float images [n, 3, res, res] in [0, 1]."""
-    n, s = a["shape"].numel(), res / 32  # geometry is specified at 32 px and scales with res
-    yy, xx = torch.meshgrid(torch.arange(res) + 0.5, torch.arange(res) + 0.5, indexing="ij")  # pixel centres
-    # background: a tinted grey level plus one of four textures (same texture in every channel)
-    img = (_u(g, n, 1, lo=0.15, hi=0.45) + _u(g, n, 3, lo=-0.03, hi=0.03))[:, :, None, None].expand(n, 3, res, res)
-    period, orient = torch.randint(4, 7, (n, 1, 1), generator=g) * s, torch.randint(3, (n, 1, 1), generator=g)
-    coord = torch.where(orient == 0, yy, torch.where(orient == 1, xx, (xx + yy) / 1.4142)) / period
-    stripes = ((coord + _u(g, n, 1, 1)) % 1 < 0.5).float() * 2 - 1
-    cell = torch.randint(2, 5, (n, 1, 1), generator=g) * s
-    checker = ((torch.div(xx + _u(g, n, 1, 1) * cell, cell, rounding_mode="floor")
-                + torch.div(yy + _u(g, n, 1, 1) * cell, cell, rounding_mode="floor")) % 2) * 2 - 1
-    noise = torch.randn(n, res, res, generator=g).clamp(-2, 2) * 0.7
-    tex = torch.stack([torch.zeros_like(noise), stripes, checker, noise], 1)[torch.arange(n), a["background"]]
-    img = img + _u(g, n, 1, 1, 1, lo=0.12, hi=0.20) * tex[:, None]
-    # objects: k-th of m = count+1 copies sits in slot k along the long axis of its half of the image
-    m, large = a["count"] + 1, a["size"].float()
-    r = s * (_u(g, n, 1, lo=2.8, hi=3.4) * (1 - large[:, None]) + _u(g, n, 1, lo=5.6, hi=6.4) * large[:, None])
-    spacing = res / m[:, None]
-    jitter = ((spacing / 2 - r).clamp(min=0.5 * s) * 0.8).clamp(max=4 * s)  # a lone object stays mid-side
-    along = spacing * (torch.arange(3) + 0.5) + _u(g, n, 3, lo=-1, hi=1) * jitter
-    across = res / 4 + _u(g, n, 1, lo=-2, hi=2) * s  # centre of the left/top half
-    pos = a["position"][:, None]
-    across = torch.where(pos % 2 == 1, res - across, across)  # right, bottom: the other half
-    cx, cy = torch.where(pos < 2, across, along), torch.where(pos < 2, along, across)  # left/right: stacked in y
-    u = (xx - cx[:, :, None, None]) / r[:, :, None, None]  # [n, 3 slots, res, res], in units of the radius
-    v = (yy - cy[:, :, None, None]) / r[:, :, None, None]
-    au, av = u.abs(), v.abs()
-    sdf = torch.stack([
-        (u * u + v * v).sqrt() - 1,  # circle
-        torch.maximum(au, av) - 0.85,  # square (about the circle's area)
-        torch.maximum((1.7 * au - v - 1) / 1.972, v - 0.7),  # triangle, apex up
-        torch.minimum(torch.maximum(au - 0.36, av - 1.05), torch.maximum(au - 1.05, av - 0.36)),  # cross
-    ])[a["shape"], torch.arange(n)]
-    alpha = (0.5 - sdf * r[:, :, None, None]).clamp(0, 1) * (torch.arange(3) < m[:, None])[:, :, None, None]
-    colour = torch.tensor(list(TOY_COLOURS.values()))[a["colour"]] * _u(g, n, 1, lo=0.85, hi=1.05)
-    colour = (colour + _u(g, n, 3, lo=-0.05, hi=0.05)).clamp(0, 1)[:, :, None, None]
-    for k in range(3):
-        img = img + alpha[:, k:k + 1] * (colour - img)
-    return (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-
-
-TOY_CAPTION_P = {"size": 0.75, "colour": 0.75, "object": 0.15, "position": 0.8, "background": 0.8, "negation": 0.3}
-TOY_GROUPED = 0.5  # share of a pre-training batch drawn as minimal sets (images that differ in one attribute only)
-TOY_VARIED = {"size": 3, "position": 2, "count": 2, "colour": 1, "shape": 1, "background": 1}  # weights of the varied one
-TOY_PREFIXES = ["a photo of", "an image of", "a picture of", "this is a photo of"]
-
-
-def toy_minimal_sets(n, g, grouped=TOY_GROUPED, varied=TOY_VARIED):
-    """n attribute draws of which a share `grouped` comes in minimal sets: up to 4 images that agree in every
-    attribute but one, each with a different value of it. In random batches most captions can be matched from
-    colour alone; a minimal set can only be told apart by its varied attribute, which is how the tiny ViT learns
-    size, count and position within minutes. Returns (attributes, must), where must[i] names the attribute image
-    i's caption has to mention (None outside the sets)."""
-    a = toy_attributes(n, g)
-    must, names, w = [None] * n, list(varied), torch.tensor([float(v) for v in varied.values()])
-    i, end = 0, int(grouped * n)
-    while i < end:
-        attr = names[int(torch.multinomial(w, 1, generator=g))]
-        k = min(4, len(TOY_ATTRS[attr]), end - i)
-        if k < 2:
-            break
-        values = torch.randperm(len(TOY_ATTRS[attr]), generator=g)[:k]
-        for key in a:
-            a[key][i:i + k] = a[key][i]
-        a[attr][i:i + k] = values
-        must[i:i + k] = [attr] * k
-        i += k
-    return a, must
-
-
-def _plural(noun):
-    return noun + ("es" if noun == "cross" else "s")
-
-
-def _toy_caption(a, i, rng, must=None, p=TOY_CAPTION_P):
-    """One caption for image i from a small grammar; each attribute is mentioned with probability p[attribute]
-    (the noun is replaced by "object" with p["object"]), and always if it is `must`, so the text tower also learns
-    partial descriptions. With p["negation"] a negated sentence follows ("this is not a photo of a blue object on
-    the left side"), naming a fine-tuning class the image is not: Comp-TGA's non-class prompts are in the language
-    it learns."""
-    q = {k: (1.0 if k == must else v) for k, v in p.items()}
-    if must == "shape":
-        q["object"] = 0.0
-    colours = list(TOY_COLOURS)
-    m, shape, colour = int(a["count"][i]) + 1, TOY_SHAPES[a["shape"][i]], colours[a["colour"][i]]
-    words = [rng.choice(TOY_PREFIXES)]
-    adj = [w for w, k in ((TOY_SIZES[a["size"][i]], "size"), (colour, "colour")) if rng.random() < q[k]]
-    noun = "object" if rng.random() < q["object"] else shape
-    if m == 1:
-        words.append("one" if rng.random() < 0.3 else ("an" if (adj[0] if adj else noun)[0] in "aeiou" else "a"))
-        words += adj + [noun]
-    else:
-        words += [TOY_COUNTS[m - 1]] + adj + [_plural(noun)]
-    phrases = [w for w, k in ((f"on the {TOY_POSITIONS[a['position'][i]]} side", "position"),
-                              (f"on a {TOY_BACKGROUNDS[a['background'][i]]} background", "background"))
-               if rng.random() < q[k]]
-    rng.shuffle(phrases)
-    text = " ".join(words + phrases)
-    if rng.random() < q["negation"]:  # a fine-tuning class the image is not
-        own = int(toy_train_label(a["colour"][i], a["position"][i]))
-        wrong = rng.choice([n for k, n in enumerate(TOY_TRAIN_NAMES) if k != own])
-        return f"{text}. this is not a photo of a {wrong}" + ("." if rng.random() < 0.5 else "")
-    return text + ("." if rng.random() < 0.5 else "")
-
-
-def toy_caption_batch(n, g):
-    """n fresh images [n, 3, 32, 32] (float, [0,1]) and their captions, drawn with the torch generator g."""
-    import random
-    a, must = toy_minimal_sets(n, g)
-    rng = random.Random(int(torch.randint(2 ** 62, (), generator=g)))
-    return toy_render(a, g), [_toy_caption(a, i, rng, must[i]) for i in range(n)]
-
-
-class ToyDataset(torch.utils.data.TensorDataset):
-    resize_to = None  # fed at native resolution; the model upsamples
-
-    def __init__(self, images, labels, classnames, template):
-        super().__init__(images, labels)
-        self.classnames, self.template = classnames, template
-
-
-def toy_dataset(task, n, seed, chunk=1024):
-    """n labelled images of a toy task (uint8 [3,32,32], int label), from the full world distribution."""
-    if task not in TOY_TASKS:
-        raise DataError(f"unknown toy task '{task}' (known: {', '.join(TOY_TASKS)})")
-    attr, classnames, template = TOY_TASKS[task]
-    g = torch.Generator().manual_seed(seed * 1000 + list(TOY_TASKS).index(task))
-    images, labels = [], []
-    for start in range(0, n, chunk):
-        a = toy_attributes(min(chunk, n - start), g)
-        images.append((toy_render(a, g) * 255).round().to(torch.uint8))
-        labels.append(toy_train_label(a["colour"], a["position"]) if attr is None else a[attr])
-    return ToyDataset(torch.cat(images), torch.cat(labels), classnames, template)
-
-
-def toy_descriptions():
-    """SAFT-style descriptions (class name -> list of descriptions) for every class of every toy task.
-
-    Six per class describe it in the captions' own language (counts, sizes, the class named), so each is
-    informative; two are in words the tiny CLIP never saw, the way an LLM's descriptions mix useful and
-    hallucinated ones. SAFT's filtering ranks them by their similarity to the bare class name and keeps the top K.
-    """
-    side = {"left": "the left half", "right": "the right half", "top": "the upper half", "bottom": "the lower half"}
-    desc = {}
-    for name in TOY_TRAIN_NAMES:
-        colour, where = name.split()[0], name.split()[-2]
-        desc[name] = [f"a photo of one {name}.", f"an image of two {colour} objects on the {where} side.",
-                      f"a picture of a small {name}.", f"a photo of a large {name}.",
-                      f"this is a photo of three {colour} objects on the {where} side.",
-                      f"a {colour} shape on the {where} side on a plain background.",
-                      f"something painted {colour}, gathered in {side[where]} of the frame.",
-                      f"a glossy {colour} sticker toward the {where} edge."]
-    extra = {
-        "small": ["a photo of one small object.", "a picture of three small objects.", "a tiny speck of a thing."],
-        "large": ["a photo of one large object.", "a picture of three large objects.", "a huge bulky thing."],
-        **{c: [f"a photo of one {c} object.", f"a picture of three {c} objects.", f"something painted {c}."]
-           for c in TOY_COLOURS},
-        "one object": ["a picture of one large object.", "this is a photo of one small object.", "a lonely single item."],
-        "two objects": ["a picture of two large objects.", "this is a photo of two small objects.", "a matching pair."],
-        "three objects": ["a picture of three large objects.", "this is a photo of three small objects.",
-                          "a trio in a row."],
-    }
-    for task in TOY_HELDOUT:
-        attr, classnames, template = TOY_TASKS[task]
-        for name in classnames:
-            tail = template.format(name)[len("a photo of "):]
-            desc[name] = [template.format(name), f"an image of {tail}", f"a picture of {tail}"] + extra[name]
-    return desc

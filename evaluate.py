@@ -12,7 +12,7 @@ attacked (AutoAttack's count). The AGFT code scores the adversarial images alone
 makes a clean-wrong image right, as targeted attacks can; results.json counts those images as "raised".
 
 Attacks (`--attack`, see attack_table): pgd, cw, fgsm, apgd_ce, apgd_dlr, apgd_t, fab_t, square, autoattack
-(`--aa seed`: APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: + APGD-T, FAB-T, Square), mifgsm,
+(`--aa seed`: APGD-CE + APGD-DLR as the seed papers run it, default; `--aa standard`: APGD-CE, APGD-T, FAB-T, Square), mifgsm,
 difgsm, tifgsm, nifgsm, pifgsm, pifgsm++, and targeted pgd/mifgsm/difgsm/tifgsm/nifgsm with suffix _t_rand (random
 target) or _t_least (least-likely target), always scored against the true label. `--steps` and `--step-size` drive the
 iterative attacks, `--apgd-steps` (default 100) APGD, FAB-T and AutoAttack. `--attack all` runs AGFT's 15-attack table (its
@@ -22,163 +22,23 @@ Table 6, AGFT_ATTACKS); a comma-separated list runs those; `--attack none` measu
 "checks"}.
 """
 import argparse
+import contextlib
+import hashlib
 import json
-import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 import attacks
+import attention
 import clip
 import data
 import harness
+import pictures
+import toy
 from harness import UsageError, fmt_eps
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint not found: {path}")
-    try:  # numpy scalars are allowed: TeCoA's and PMG-AFT's checkpoints store best_acc1 as one
-        with torch.serialization.safe_globals(NUMPY_SCALARS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-
-
-# (DataParallel) and, in open_clip files, with layer scales (ls_1/ls_2.gamma), which are folded into the projections.
-CHECKPOINT_FORMATS = [
-    ("nanoZSAR checkpoint", lambda c: isinstance(c.get("visual"), dict), lambda c: c["visual"]),
-    ("TeCoA / PMG-AFT / TGA-ZSR / SAFT checkpoint (vision_encoder_state_dict)",
-     lambda c: isinstance(c.get("vision_encoder_state_dict"), dict), lambda c: c["vision_encoder_state_dict"]),
-    ("AGFT checkpoint (modules['clip.visual'])", lambda c: isinstance(c.get("modules"), dict) and
-     isinstance(c["modules"].get("clip.visual"), dict), lambda c: c["modules"]["clip.visual"]),
-    ("CLIP state dict (visual.* keys; OpenAI or open_clip names)", lambda c: any(k.startswith("visual.") for k in c),
-     lambda c: {k[len("visual."):]: v for k, v in c.items() if k.startswith("visual.")}),
-    ("image-encoder state dict (OpenAI or open_clip names, e.g. FARE)", lambda c: "conv1.weight" in c, lambda c: c),
-]
-# keys of a full CLIP state dict that belong to the text tower (OpenAI's and open_clip's names), skipped
-TEXT_KEYS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "logit_scale",
-             "logit_bias", "text.", "attn_mask", "input_resolution", "context_length", "vocab_size")
-VIT_NAMES = {(768, 12, 32, 224): "ViT-B/32", (768, 12, 16, 224): "ViT-B/16", (1024, 24, 14, 224): "ViT-L/14",
-             (1024, 24, 14, 336): "ViT-L/14@336px"}
-_SCALAR = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
-NUMPY_SCALARS = [np.dtype, (_SCALAR, "numpy.core.multiarray.scalar"), (_SCALAR, "numpy._core.multiarray.scalar")] + [
-    t for t in vars(np.dtypes).values() if isinstance(t, type)]  # numpy 1.x and 2.x names of a pickled scalar
-
-
-def _generic(key):
-    return ".".join("N" if part.isdigit() else part for part in key.split("."))
-
-
-def image_tower_names():
-    """Every key an OpenAI ViT or ResNet image tower can have, block numbers as N (from two tiny towers, no weights)."""
-    vit, rn = clip.model.VisionTransformer(32, 16, 8, 1, 1, 8), clip.model.ModifiedResNet((1, 1, 1, 1), 8, 1, 32, 2)
-    return {_generic(k) for m in (vit, rn) for k in m.state_dict()}
-
-
-def strip_prefix(sd, prefixes=("module.", "_orig_mod.")):
-    """Keys without DataParallel's "module." and torch.compile's "_orig_mod." prefixes."""
-    out = {}
-    for k, v in sd.items():
-        while k.startswith(prefixes):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def fold_layer_scale(sd):
-    """open_clip's x + gamma * f(x) (ls_1 after attn.out_proj, ls_2 after mlp.c_proj) as OpenAI's x + f'(x)."""
-    sd = dict(sd)
-    for key in [k for k in sd if k.endswith((".ls_1.gamma", ".ls_2.gamma"))]:
-        gamma, block = sd.pop(key).float(), key.rsplit(".", 2)[0]
-        proj = f"{block}.attn.out_proj" if ".ls_1." in key else f"{block}.mlp.c_proj"
-        sd[f"{proj}.weight"] = sd[f"{proj}.weight"].float() * gamma[:, None]
-        sd[f"{proj}.bias"] = sd[f"{proj}.bias"].float() * gamma
-    return sd
-
-
-def describe_encoder(sd):
-    """'a ViT-L/14 image encoder' (or its width/layers/patch/resolution), 'a ResNet image encoder', from shapes."""
-    if "proj" not in sd or "conv1.weight" not in sd or "positional_embedding" not in sd:
-        return "a ResNet image encoder" if "attnpool.c_proj.weight" in sd else "an image encoder"
-    width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
-    layers = len([k for k in sd if k.endswith(".attn.in_proj_weight")])
-    res = patch * round((sd["positional_embedding"].shape[0] - 1) ** 0.5)
-    name = VIT_NAMES.get((width, layers, patch, res))
-    return f"a {name} image encoder" if name else f"a ViT image encoder (width {width}, {layers} layers, patch {patch}, {res} px)"
-
-
-def checkpoint_encoder(ckpt, path):
-    """(layout, image-encoder state dict in OpenAI's key names) of a checkpoint read by read_checkpoint.
-
-    UsageError (one line) for a layout not in CHECKPOINT_FORMATS, keys it cannot map, and weights that are not all
-    finite (NaN or inf: a diverged run). Needs no model, so evaluate.py runs it before loading or downloading one."""
-    top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
-    found = next(((name, get) for name, test, get in CHECKPOINT_FORMATS if test(top)), None)
-    if found is None:
-        keys = list(top)[:6] if top else type(ckpt).__name__
-        raise UsageError(f"{path}: unknown checkpoint layout, no image encoder found; keys not understood: {keys} "
-                         f"(readable: ours, vision_encoder_state_dict, AGFT's modules, (visual.)conv1.weight... state dicts)")
-    name, get = found
-    sd = strip_prefix(get(top))
-    if name.startswith("CLIP state dict"):
-        sd.update({k: v for k, v in top.items() if not k.startswith("visual.") and not k.startswith(TEXT_KEYS)})
-    sd = fold_layer_scale(sd)
-    known = image_tower_names()
-    unknown = [k for k in sd if _generic(k) not in known]
-    if unknown:
-        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
-        raise UsageError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
-                         "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
-    broken = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
-        raise UsageError(f"{path}: {name}, but {len(broken)} of its {len(sd)} weight tensors hold NaN or inf "
-                         f"({', '.join(broken[:3])}{more}); the weights are broken (a diverged run?): use an earlier "
-                         "checkpoint")
-    return name, sd
-
-
-def check_encoder_fits(sd, path, model_name, ours=None):
-    """UsageError (one line) when --model names one of OpenAI's architectures and the checkpoint's encoder is
-    recognisably another one (a ViT for a ResNet, ViT-L/14 for ViT-B/32): before that model is downloaded."""
-    if model_name not in clip.available_models():
-        return
-    kind, held = clip.vision_kind(model_name), describe_encoder(sd)
-    named = next((n for n in VIT_NAMES.values() if held == f"a {n} image encoder"), None)
-    vit = "positional_embedding" in sd and "proj" in sd and "conv1.weight" in sd
-    if (kind == "resnet" and not vit) or (kind == "vit" and held == f"a {model_name} image encoder"):
-        return  # a ResNet's exact shapes are compared once the model is built (load_visual)
-    suggest = ours or named or "<its CLIP>"
-    raise UsageError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of --model {model_name} "
-                     f"(a {'ResNet' if kind == 'resnet' else model_name} image encoder); pass --model {suggest}")
-
-
-def load_visual(model, path, model_name, ckpt=None):
-    """Load the image encoder of a checkpoint into model.visual and return the checkpoint (read here unless given).
-
-    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
-    which layout it found, and refuses (UsageError) keys it cannot map, weights that are not finite, and encoders of
-    another architecture."""
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
-    name, sd = checkpoint_encoder(ckpt, path)
-    expected = model.visual.state_dict()
-    if set(sd) != set(expected) or any(sd[k].shape != v.shape for k, v in expected.items() if k in sd):
-        if all(k in expected and v.shape == expected[k].shape for k, v in sd.items()):  # our architecture, cut short
-            missing = [k for k in expected if k not in sd]
-            raise UsageError(f"{path}: {name}, but {len(missing)} keys are missing: {', '.join(missing[:6])}")
-        ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
-        raise UsageError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
-                         f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
-    model.visual.load_state_dict(sd)
-    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}", file=sys.stderr)
-    return ckpt
-
 
 # ----------------------------------------------------------------------------- zero-shot evaluation
 
@@ -211,12 +71,12 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
             pred = classifier(x).argmax(-1)
+        clean += (pred == y).sum().item()
+        n += len(y)
+        progress.update(len(y) * run.world)
         if attack is None:  # --attack none: clean accuracy alone
-            clean += (pred == y).sum().item()
-            n += len(y)
-            progress.update(len(y) * run.world)
             continue
-        if attack0 is not None and n == 0:
+        if attack0 is not None and n == len(y):  # the first batch
             with run.attack_autocast():
                 x0 = attack0(classifier, x, y)
             with torch.no_grad(), run.autocast():
@@ -225,12 +85,9 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
             x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
             pred_adv = classifier(x_adv).argmax(-1)
-        clean += (pred == y).sum().item()
         robust += ((pred == y) & (pred_adv == y)).sum().item()  # x is in its own eps-ball: clean-wrong is never robust
         raised += ((pred != y) & (pred_adv == y)).sum().item()
         moved += (x_adv != x).flatten(1).any(1).sum().item()
-        n += len(y)
-        progress.update(len(y) * run.world)
     clean, robust, raised, moved, n, eps0_changed = run.all_sum([clean, robust, raised, moved, n, eps0_changed])
     if attack is None:
         return {"clean": 100 * clean / max(n, 1), "n": int(n)}
@@ -462,9 +319,8 @@ def save_results(run, out, failed, per_attack, protocol=None):
     out["checks"] = {"passed": not failed, "failed": failed, **out.get("checks", {})}
     if protocol:
         out["protocol"] = protocol
-    if run.main and run.out_dir:
-        with open(os.path.join(run.out_dir, "results.json"), "w") as f:
-            json.dump(out, f, indent=2)
+    if run.is_main and run.out_dir:
+        harness.write_json(os.path.join(run.out_dir, "results.json"), out)
     return out
 
 
@@ -510,10 +366,9 @@ def eval_datasets(names, data_root, resolution, max_n=None, download=False, resi
 # ----------------------------------------------------------------------------- the evaluation at the end of training
 
 
-def held_out_probe(args, run, n):
+def held_out_probe(model, args, run, n):
     """harness.TrainLog's held-out accuracy (--eval-every): a function encoder -> {set: zero-shot clean accuracy (%)}
-    on n fixed images of each --eval-sets set, in eval mode; the text tower is loaded for the text features, dropped."""
-    model = clip.load(args.model, device=run.device)
+    on n fixed images of each --eval-sets set, in eval mode, with the text features of `model`'s text tower."""
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, n,
                          prompts=getattr(args, "prompts", None))
     heads = {name: (ds, text_head(model, ds).to(run.device)) for name, ds in sets.items()}
@@ -535,89 +390,137 @@ def held_out_probe(args, run, n):
     return probe
 
 
-def final_evaluation(encoder, args, run):
+def fingerprint(ds):
+    """A digest of what a dataset holds, for keying caches on content rather than on a folder's path: its classes,
+    template and resizing, which samples (a Subset's indices), and its images: in-memory arrays and labels by their
+    bytes, image files by path relative to their common folder, size and modification time (a file that changes
+    changes the digest; the same files elsewhere do not)."""
+    h = hashlib.sha1()
+
+    def add(*parts):
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                part = part.detach().cpu().contiguous().numpy()
+            if isinstance(part, np.ndarray):
+                h.update(f"{part.dtype} {part.shape}".encode())
+                h.update(np.ascontiguousarray(part).tobytes())
+            else:
+                h.update(repr(part).encode())
+            h.update(b"\0")
+    add(list(ds.classnames), ds.template, getattr(ds, "resize_to", None), len(ds))
+    while isinstance(ds, torch.utils.data.Subset):
+        add("subset", list(ds.indices))
+        ds = ds.dataset
+    for attr in ("tensors", "data", "targets", "labels", "_labels"):  # in-memory images, and labels
+        value = getattr(ds, attr, None)
+        if isinstance(value, tuple) and all(isinstance(v, torch.Tensor) for v in value):
+            add(attr, *value)
+        elif isinstance(value, (np.ndarray, torch.Tensor, list)):
+            add(attr, value)
+    samples = getattr(ds, "samples", None) or getattr(ds, "_samples", None)
+    if isinstance(samples, list):
+        add("labels", [t[1] for t in samples if isinstance(t, tuple) and len(t) > 1])
+    files = data.image_files(ds)
+    folder = getattr(ds, "_base_folder", None)
+    if not files and folder is not None and os.path.isdir(folder):  # e.g. PCAM's .h5 files, read lazily
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+    if files:
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        for f in files:
+            st = os.stat(f)
+            add(os.path.relpath(os.path.abspath(f), base), st.st_size, st.st_mtime_ns)
+    return h.hexdigest()
+
+
+def weights_digest(module):
+    """SHA-1 of a module's parameters and buffers (names, dtypes, shapes and bytes): what it computes, not where it
+    was read from."""
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def read_cached_results(path, key, names):
+    """(results, None) from a cache file written by baseline_results for this key, else (None, why not) where the
+    file exists but cannot be used (unreadable, not ours, another key, sets missing)."""
+    if not os.path.isfile(path):
+        return None, None
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        results = cached["results"]
+        if cached["key"] != key:
+            return None, "it was written for other settings"
+        if sorted(results) != sorted(names) or not all(
+                isinstance(results[n][m], (int, float)) for n in names for m in ("clean", "robust", "n")):
+            return None, "its results do not cover the sets"
+        return results, None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
+
+
+def baseline_results(model, sets, cfg, args, run, evaluate_f0):
+    """The pre-trained encoder's results, evaluate_f0() (evaluate.final_evaluation's evaluation of the encoder of
+    `model` on `sets` under the attack `cfg`): the same for every method run with these settings, so cached on disk
+    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar, beside the toy CLIP) under a key of the contents of what
+    they depend on: the model's weights (weights_digest: a released CLIP, a --model file or the toy CLIP alike), each
+    set's data.fingerprint (its class names and prompt template, so --prompts too, and its images' files by size and
+    modification time, or its in-memory arrays), the attack, seed and precision. The file is written atomically; a
+    single-process run holds a lock while it evaluates, so a second run started meanwhile waits and reads the
+    result; an unreadable or mismatching file is evaluated again and replaced (one line says so)."""
+    key = {"version": 3, "model": weights_digest(model), "sets": {n: fingerprint(ds) for n, ds in sets.items()},
+           "attack": cfg, "seed": args.seed, "dtype": str(run.dtype)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(harness.cache_dir(), "baselines", digest + ".json")
+    key = json.loads(json.dumps(key))  # as it reads back from JSON
+    with harness.file_lock(path + ".lock", run.log) if run.world == 1 else contextlib.nullcontext():
+        cached, why = read_cached_results(path, key, list(sets))
+        if why:
+            run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "
+                    "it again")
+        if run.all_sum([cached is not None])[0] == run.world:  # under torchrun, every rank must agree
+            run.log(f"the pre-trained encoder's results: {path} (cached)")
+            return cached
+        run.log("evaluating the pre-trained encoder")
+        results = evaluate_f0()
+        if run.is_main:
+            harness.write_json(path, {"key": key, "results": results})
+    return results
+
+
+def final_evaluation(encoder, model, args, run):
     """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
-    with the training run's prompt convention (--prompts)."""
-    model = clip.load(args.model, device=run.device)
+    with the training run's prompt convention (--prompts) and `model`'s text tower (training leaves it as loaded).
+    The pre-trained encoder, for the rows before and the attention pictures, is loaded again."""
     step = args.eps / 4 if args.toy else 1 / 255
     cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
     prompts = getattr(args, "prompts", None)
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
-    baseline = baseline_seconds = None
-    f0 = clip.ImageEncoder(model.visual).to(run.device)  # the pre-trained encoder
+    baseline = baseline_seconds = f0 = None
+    if args.eval_baseline or getattr(args, "save_attention", 0):
+        f0 = clip.ImageEncoder(harness.load_model(args.model, run).visual).to(run.device)
     if args.eval_baseline:
         t0 = time.time()
-        baseline = harness.baseline_results(model, sets, cfg, args, run, lambda: evaluate(
+        baseline = baseline_results(model, sets, cfg, args, run, lambda: evaluate(
             f0, model, sets, attack, run, args.batch_size, args.workers, attack0))
         baseline_seconds = time.time() - t0  # ~0 when cached: the first run with these settings pays it
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
-    over = data.TOY_HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
+    over = toy.HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
     out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None,
                  baseline_seconds=baseline_seconds)
-    if getattr(args, "save_attention", 0) and run.main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
+    if getattr(args, "save_attention", 0) and run.is_main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
-    harness.unlock_folder(args.out_dir)  # the run is over
+    harness.unlock_folder(args.out_dir)  # the run is over: another may resume it
     return out
 
 
-# ----------------------------------------------------------------------------- pictures (PNG, drawn with Pillow)
-
-TILE = 128  # images smaller than this are upscaled (nearest neighbour) by an integer factor
-MARGIN, HEADER, TEXT_W, LINE = 4, 16, 200, 12
-GOOD, BAD = "#1a7f37", "#c62828"
-
-
-def tile_scale(h, w):
-    return max(1, math.ceil(TILE / max(h, w)))
-
-
-def grid_size(cols, rows, h, w):
-    """(width, height) of save_grid's picture: rows x cols tiles of h x w images, and a text column on the right."""
-    s = tile_scale(h, w)
-    return MARGIN + cols * (w * s + MARGIN) + TEXT_W, HEADER + rows * (h * s + MARGIN)
-
-
-def to_pil(x, scale=1):
-    from PIL import Image
-    arr = x.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-    img = Image.fromarray(arr)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
-
-
-def heat(m):
-    """[H,W] map in [0,1] -> [3,H,W] colours: dark blue, blue, cyan, yellow, red (a jet-like ramp)."""
-    stops = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [1.0, 0.9, 0.0], [0.9, 0.0, 0.0]])
-    t = m.detach().float().cpu().clamp(0, 1) * (len(stops) - 1)
-    lo = t.floor().long().clamp(max=len(stops) - 2)
-    frac = (t - lo)[..., None]
-    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).permute(2, 0, 1)
-
-
-def overlay(x, m):
-    return 0.5 * x.detach().float().cpu() + 0.5 * heat(m)
-
-
-def save_grid(path, rows, headers, notes, note_header=""):
-    """One PNG: rows of equal-size [3,H,W] images in [0,1] under column headers, each row followed by its notes,
-    lines of (text, colour)."""
-    from PIL import Image, ImageDraw
-    h, w = rows[0][0].shape[-2:]
-    s = tile_scale(h, w)
-    img = Image.new("RGB", grid_size(len(headers), len(rows), h, w), "white")
-    draw = ImageDraw.Draw(img)
-    text_x = MARGIN + len(headers) * (w * s + MARGIN)
-    for j, head in enumerate(headers + [note_header]):
-        draw.text((MARGIN + j * (w * s + MARGIN), 2), head, fill="black")
-    for i, (tiles, lines) in enumerate(zip(rows, notes)):
-        y = HEADER + i * (h * s + MARGIN)
-        for j, tile in enumerate(tiles):
-            img.paste(to_pil(tile, s), (MARGIN + j * (w * s + MARGIN), y))
-        for k, (text, colour) in enumerate(lines):
-            draw.text((text_x, y + 2 + LINE * k), text[:40], fill=colour)
-    img.save(path, optimize=True)
+# ----------------------------------------------------------------------------- pictures
 
 
 def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
@@ -635,10 +538,10 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
             pred, pred_adv = classifier(x).argmax(-1), classifier(x_adv).argmax(-1)
         delta = 0.5 + (x_adv - x) / (2 * eps) if eps > 0 else torch.full_like(x, 0.5)
         c = ds.classnames
-        notes = [[(f"true: {c[y[i]]}", "black"), (f"clean: {c[pred[i]]}", GOOD if pred[i] == y[i] else BAD),
-                  (f"adversarial: {c[pred_adv[i]]}", GOOD if pred_adv[i] == y[i] else BAD)] for i in range(len(y))]
+        notes = [[(f"true: {c[y[i]]}", "black"), (f"clean: {c[pred[i]]}", pictures.GOOD if pred[i] == y[i] else pictures.BAD),
+                  (f"adversarial: {c[pred_adv[i]]}", pictures.GOOD if pred_adv[i] == y[i] else pictures.BAD)] for i in range(len(y))]
         path = os.path.join(out_dir, f"examples_{name}.png")
-        save_grid(path, [[x[i], x_adv[i], delta[i]] for i in range(len(y))],
+        pictures.save_grid(path, [[x[i], x_adv[i], delta[i]] for i in range(len(y))],
                   ["clean", f"adversarial, eps {fmt_eps(eps)}", "perturbation (scaled)"], notes, name)
         run.log(f"wrote {path}")
 
@@ -680,17 +583,17 @@ def save_attention(encoder, f0, model, attack, args, run):
             with torch.no_grad(), run.autocast():
                 tokens = f(img, all_tokens=True)
             if prompts:
-                maps = clip.complementary_attention(tokens, cls[y], non[y], img.shape[-2:])
+                maps = attention.complementary(tokens, cls[y], non[y], img.shape[-2:])
             else:
-                maps = clip.text_guided_attention(tokens, head[y], img.shape[-2:])
-            columns.append(torch.stack([overlay(img[i], maps[i]) for i in range(len(y))]))
+                maps = attention.text_guided(tokens, head[y], img.shape[-2:])
+            columns.append(torch.stack([pictures.overlay(img[i], maps[i]) for i in range(len(y))]))
             preds.append(clip.cosine_logits(tokens[:, 0], head, 1.0).argmax(-1))
     c = ds.classnames
-    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", GOOD if p[i] == y[i] else BAD)
+    notes = [[(f"true: {c[y[i]]}", "black")] + [(f"{who} {what}: {c[p[i]]}", pictures.GOOD if p[i] == y[i] else pictures.BAD)
              for (who, what), p in zip([("pre-trained", "clean"), ("pre-trained", "adv"), ("fine-tuned", "clean"),
                                         ("fine-tuned", "adv")], preds)] for i in range(len(y))]
     path = os.path.join(run.out_dir, "attention.png")
-    save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
+    pictures.save_grid(path, [[col[i] for col in columns] for i in range(len(y))],
               ["image", "pre-trained, clean", "pre-trained, adv", "fine-tuned, clean", "fine-tuned, adv"], notes,
               f"{title}, true class")
     run.log(f"wrote {path}")
@@ -723,9 +626,9 @@ def parser():
         help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "
              "accuracy alone (default pgd)")
     add("--aa", default="seed", choices=["seed", "standard"],
-        help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + Square")
+        help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + FAB-T + Square")
     add("--apgd-steps", type=harness.POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
-    add("--eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 8/255 with --toy)")
+    add("--eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 16/255 with --toy)")
     add("--step-size", type=harness.parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
     add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
@@ -749,17 +652,17 @@ def main(argv=None):
     proto = PROTOCOLS[args.protocol]
     ckpt = ckpt_model = None
     if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
-        ckpt = read_checkpoint(args.checkpoint)
+        ckpt = clip.read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
-        _, encoder_sd = checkpoint_encoder(ckpt, args.checkpoint)
+        _, encoder_sd = clip.checkpoint_encoder(ckpt, args.checkpoint)
     args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
     if args.checkpoint:
-        check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
+        clip.loader.check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
         del encoder_sd
     if args.workers is None:
         args.workers = 0 if args.toy else 4
     if args.eps is None:
-        args.eps = data.TOY_EPS if args.toy else 1 / 255
+        args.eps = toy.EPS if args.toy else 1 / 255
     if args.step_size is None:
         args.step_size = min(args.eps / 4 if args.toy else proto["step_size"], args.eps)
     if args.steps is None:
@@ -777,13 +680,13 @@ def main(argv=None):
     elif args.datasets:
         names = [n.strip() for n in args.datasets.split(",")]
     else:
-        names = data.TOY_HELDOUT if args.toy else proto["datasets"]
+        names = toy.HELDOUT if args.toy else proto["datasets"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
         harness.check_datasets(names, args.data_root)
     run = harness.setup_run(args)
-    model = clip.load(args.model, device=run.device)
+    model = harness.load_model(args.model, run)
     if args.checkpoint:
-        load_visual(model, args.checkpoint, args.model, ckpt)
+        clip.load_visual(model, args.checkpoint, args.model, ckpt)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
                          args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
@@ -791,7 +694,7 @@ def main(argv=None):
                 "max_per_dataset": args.max_per_dataset, "prompts": None if args.toy else args.prompts}
     attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # its normalisation buffers too
-    if args.save_examples and run.main:  # first: seconds, and they show what the attack does
+    if args.save_examples and run.is_main:  # first: seconds, and they show what the attack does
         save_examples(encoder, model, sets, make_attack(chosen[0], **attack_args), args.eps,
                       args.save_examples, run, args.out_dir)
     if chosen == ["none"]:

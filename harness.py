@@ -1,7 +1,8 @@
 """The run harness of the six training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
-eps), the run (processes, device, precision, progress lines), files written atomically, the checks before the run;
-and for training: the flags' defaults, the output folder, the learning-rate schedule, the training log and its
-curves, checkpoints, the pre-trained encoder's cached results.
+eps), the run (processes, device, precision, progress lines), files (locks, atomic writes, the cache), loading the
+model (the toy CLIP from its cache), the checks before the run; and for training: the flags' defaults, the output
+folder, the learning-rate schedule, the training log and its curves, checkpoints, the pre-trained encoder's cached
+results.
 
 A script holds its method and its paper's setting (PAPER, at its top); everything here is the plumbing around them:
 
@@ -9,21 +10,19 @@ A script holds its method and its paper's setting (PAPER, at its top); everythin
     add_method_args(p)                                    # the method's own
     args = harness.parse_args(p, argv, "agft", PAPER, TOY)  # defaults: PAPER, or the toy world's preset with --toy
     run = harness.setup(args)                             # processes, device, precision; the output folder, locked
-    ckpt = harness.Checkpoint(args, run, model, opt, scaler); step = ckpt.resume(total, evaluate.load_visual)
+    model = harness.load_model(args.model, run)           # clip.load, or the toy CLIP from its cache
+    ckpt = harness.Checkpoint(args, run, model, opt, scaler); step = ckpt.resume(total)
     log = harness.TrainLog(..., evaluate.held_out_probe); log.check_finite(...); log.step(...); log.close()
-    evaluate.final_evaluation(encoder, args, run)         # PGD-20 before and after, results.json
+    evaluate.final_evaluation(encoder, model, args, run)  # PGD-20 before and after, results.json
 
-Evaluation itself (zero-shot heads, attacks, tables, checkpoint formats, pictures) is evaluate.py's, which imports
-this module; where the harness needs it (a checkpoint's weights, the held-out accuracy), the script hands it over.
+Evaluation itself (zero-shot heads, attacks, tables, pictures) is evaluate.py's, which imports this module; where the
+harness needs it (the held-out accuracy of the training log), the script hands it over.
 """
 import argparse
-import atexit
 import contextlib
-import hashlib
 import json
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ import torch.distributed as dist
 
 import clip
 import data
-from clip.loader import file_lock, write_atomically
+import pictures
+import toy
 
 # ----------------------------------------------------------------------------- errors, flags, checks before the run
 
@@ -180,7 +180,7 @@ def check_datasets(names, data_root, train_set=None, scan=True):
         more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
         raise data.DataError(missing[0][1] + more)
     for name, train in checks if scan else []:
-        if name != data.TOY_TRAIN and name not in data.TOY_HELDOUT:  # the toy sets are generated, not read
+        if name not in toy.TASKS:  # the toy sets are generated, not read
             data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
 
 
@@ -189,8 +189,10 @@ def require_vit(model_name, method, visual=None):
     from ViT patch tokens. Without `visual`, judged from the model's name or file alone (clip.vision_kind): their
     get_args call it so, and the refusal comes before any download, data scan or pre-training; their setup_method
     calls it again with the built model's `visual`, for the files that cannot be told without building them."""
-    resnet = (not isinstance(visual, clip.model.VisionTransformer) if visual is not None
-              else clip.vision_kind(model_name) == "resnet")
+    if visual is not None:
+        resnet = not isinstance(visual, clip.model.VisionTransformer)
+    else:
+        resnet = model_name != "toy" and clip.vision_kind(model_name) == "resnet"
     if resnet:
         raise UsageError(f"{method} needs a ViT image encoder: its attention maps are made of patch tokens, which "
                          f"{model_name} (a ResNet) does not have; use e.g. --model ViT-B/32")
@@ -208,7 +210,7 @@ class Run:
     out_dir: str = None
 
     @property
-    def main(self):
+    def is_main(self):
         return self.rank == 0
 
     def autocast(self):
@@ -221,7 +223,7 @@ class Run:
         return self.autocast() if self.dtype == torch.bfloat16 else contextlib.nullcontext()
 
     def log(self, msg):
-        if not self.main:
+        if not self.is_main:
             return
         print(msg, flush=True)
         if self.out_dir:
@@ -258,10 +260,8 @@ def setup_run(args, save_args=True):
         dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     torch.manual_seed(args.seed + rank)
     run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
-    if run.out_dir and run.main and save_args:
-        os.makedirs(run.out_dir, exist_ok=True)
-        with open(os.path.join(run.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+    if run.out_dir and run.is_main and save_args:
+        write_json(os.path.join(run.out_dir, "args.json"), vars(args))
     return run
 
 
@@ -289,19 +289,108 @@ def fmt_time(seconds):
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- files: locks, atomic writes, caches
+
+
+@contextlib.contextmanager
+def file_lock(path, log=print, wait=True):
+    """An exclusive lock on the file `path` for the duration (flock: the kernel releases it when the process dies).
+    Says so when it has to wait for another process; with wait=False, raises BlockingIOError instead. Without fcntl
+    (Windows) it does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise
+            log(f"waiting for another process that holds {path}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_atomically(path, write, mode="w"):
+    """write(f) into a temporary file in the same folder, flushed to disk, then renamed over `path`: a reader never
+    sees half a file, and a crash mid-write leaves the old one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_json(path, obj):
-    write_atomically(path, lambda f: json.dump(obj, f))
+    write_atomically(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def cache_dir():
+    """$NANOZSAR_CACHE, by default ~/.cache/nanozsar: the toy CLIP and the pre-trained encoders' results."""
+    return os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar"))
+
+
+def toy_cache_path():
+    return os.path.join(cache_dir(), f"toy_clip-{toy.cache_key()}.pt")
+
+
+def read_toy(path, log):
+    try:
+        return clip.build_model(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # a truncated or foreign file: pre-train again rather than fail
+        log(f"toy CLIP: the cached weights {path} are unreadable ({type(e).__name__}); pre-training them again")
+        return None
+
+
+def load_model(name, run):
+    """The CLIP called `name` (clip.load's names and files, or "toy") on the run's device, eval mode, fp32.
+
+    "toy": the toy CLIP from the cache (toy_cache_path), pre-trained there once under a lock while any other process
+    waits, and again if the file is unreadable. Under torchrun rank 0 loads first (a download, a pre-training) while
+    the others wait, then they read its file."""
+    def load():
+        if name != "toy":
+            return clip.load(name)
+        toy.threads()
+        path, log = toy_cache_path(), lambda s: print(s, file=sys.stderr)
+        model = read_toy(path, log) if os.path.exists(path) else None
+        if model is None:
+            with file_lock(path + ".lock", log):
+                model = read_toy(path, lambda s: None) if os.path.exists(path) else None
+                if model is None:
+                    log(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on one CPU thread)")
+                    model = toy.pretrain(log=log)
+                    write_atomically(path, lambda f: torch.save(model.state_dict(), f), "wb")
+        return model
+
+    if run.world > 1 and not run.is_main:
+        dist.barrier()  # rank 0 first
+    try:
+        model = load()
+    finally:
+        if run.world > 1 and run.is_main:
+            dist.barrier()
+    return model.to(run.device).eval()
 
 
 # ----------------------------------------------------------------------------- training: the flags' defaults
 
 # The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
-TOY_WORLD = dict(model="toy", train_set=data.TOY_TRAIN, eval_sets=",".join(data.TOY_HELDOUT + [data.TOY_TRAIN]),
-                 epochs=1, batch_size=64, warmup_steps=20, eps=data.TOY_EPS, step_size=data.TOY_EPS,
+TOY_WORLD = dict(model="toy", train_set=toy.TRAIN, eval_sets=",".join(toy.HELDOUT + [toy.TRAIN]),
+                 epochs=1, batch_size=64, warmup_steps=20, eps=toy.EPS, step_size=toy.EPS,
                  attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
 RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
@@ -416,10 +505,9 @@ def setup(args):
                          "processes (each takes an equal share)")
     accept(args)
     run = setup_run(args, save_args=False)
-    if run.main:
+    if run.is_main:
         lock_folder(args.out_dir)
-        with open(os.path.join(args.out_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        write_json(os.path.join(args.out_dir, "args.json"), vars(args))
     return run
 
 
@@ -456,31 +544,37 @@ def peek(path):
 
 
 def lock_folder(out_dir):
-    """out_dir/lock holds 'pid host' of the run writing there: a second run is refused while that process lives; a
-    lock whose process has died (or that this process left) is replaced. Removed when the run ends."""
+    """Hold out_dir/lock (file_lock, with this process's id in it) while the run writes there: a second run is refused,
+    naming the first's process id. Released by unlock_folder at the end of the run, and by the kernel when the process
+    ends, however it ends."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
-    path, me = os.path.join(out_dir, "lock"), f"{os.getpid()} {socket.gethostname()}"
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            with open(path) as f:
-                owner = f.read().split()
-            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (None, None)
-            if host and host != socket.gethostname():
-                raise UsageError(f"{out_dir} is locked by a run on {host} (pid {pid}): wait for it, choose another "
-                                 f"--out-dir, or delete {path} if that run has ended") from None
-            if pid and pid != os.getpid() and alive(pid):
-                raise UsageError(f"another run (pid {pid}) is writing to {out_dir}: wait for it to end, or choose "
-                                 "another --out-dir") from None
-            os.remove(path)  # stale: its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(me)
-    atexit.register(unlock_folder, out_dir)
+    path = os.path.join(out_dir, "lock")
+    unlock_folder(out_dir)  # a run of this process that ended there without releasing it
+    lock = file_lock(path, wait=False)
+    try:
+        f = lock.__enter__()
+    except BlockingIOError:
+        with open(path) as f:
+            pid = f.read().strip() or "?"
+        raise UsageError(f"another run (pid {pid}) is writing to {out_dir}: wait for it to end, or choose another "
+                         "--out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    HELD_LOCKS[os.path.abspath(out_dir)] = lock
+
+
+def unlock_folder(out_dir):
+    lock = HELD_LOCKS.pop(os.path.abspath(out_dir), None)
+    if lock is not None:
+        lock.__exit__(None, None, None)
+
+
+HELD_LOCKS = {}  # out_dir -> its lock, held by this process
 
 
 def ddp(module, run):
@@ -489,26 +583,6 @@ def ddp(module, run):
         return module
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def unlock_folder(out_dir):
-    path = os.path.join(out_dir, "lock")
-    try:
-        with open(path) as f:
-            if f.read().split()[:1] == [str(os.getpid())]:
-                os.remove(path)
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------- training: learning rate, log, curves
@@ -539,10 +613,10 @@ class TrainLog:
     """Progress lines (loss terms, lr, images/s, ETA) every --log-every steps, the NaN guard, and the curves.
 
     With --eval-every N, rank 0 also measures zero-shot clean accuracy on a fixed subset of PROBE_N images of each
-    evaluation set at the start and every N steps, with the probe make_probe(args, run, PROBE_N) builds
+    evaluation set at the start and every N steps, with the probe make_probe(model, args, run, PROBE_N) builds
     (evaluate.held_out_probe). close() writes curve.json and curve.png (loss, and that accuracy, over steps)."""
 
-    def __init__(self, args, run, train_set, total, step, encoder, resumed=None, make_probe=None):
+    def __init__(self, args, run, model, train_set, total, step, encoder, resumed=None, make_probe=None):
         """resumed: the curves stored in the checkpoint a run resumes from, kept up to its step; make_probe: see
         above, needed with --eval-every."""
         self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
@@ -553,7 +627,7 @@ class TrainLog:
         run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
                 f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
                 f"{run.world} process(es) on {run.device}, {str(run.dtype).replace('torch.', '')}")
-        self.probe = make_probe(args, run, PROBE_N) if getattr(args, "eval_every", 0) and run.main else None
+        self.probe = make_probe(model, args, run, PROBE_N) if getattr(args, "eval_every", 0) and run.is_main else None
         if self.probe:
             self.measure(step)
 
@@ -584,7 +658,7 @@ class TrainLog:
                      f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
 
     def close(self):
-        if not (self.run.main and self.run.out_dir):
+        if not (self.run.is_main and self.run.out_dir):
             return
         with open(os.path.join(self.run.out_dir, "curve.json"), "w") as f:
             json.dump(self.curves(), f)
@@ -596,7 +670,7 @@ class TrainLog:
         if acc:
             panels.append((f"held-out zero-shot clean accuracy (%), {PROBE_N} images each", acc))
         path = os.path.join(self.run.out_dir, "curve.png")
-        plot_curves(path, panels)
+        pictures.plot_curves(path, panels)
         self.run.log(f"wrote {path}")
 
 
@@ -616,17 +690,16 @@ class Checkpoint:
             os.path.join(args.out_dir, "ckpt.pt"), args, run, model, opt, scaler)
         self.curves = None
 
-    def resume(self, total, load_visual):
-        """The step to start from: 0, or with --resume the checkpoint's (setup has accepted it), whose weights
-        (read by load_visual: evaluate.load_visual), optimizer, loss scaler and curves are restored. A run with no
-        step left to train is refused."""
+    def resume(self, total):
+        """The step to start from: 0, or with --resume the checkpoint's (setup has accepted it), whose weights,
+        optimizer, loss scaler and curves are restored. A run with no step left to train is refused."""
         if not self.args.resume:
             return 0
         at = peek(self.path)["step"]
         if at >= total:
             raise UsageError(f"{self.path} is at step {at} and this run ends at step {total}: nothing to train; raise "
                              "--max-steps or --epochs")
-        ckpt = load_visual(self.model, self.path, self.args.model)
+        ckpt = clip.load_visual(self.model, self.path, self.args.model)
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.curves = ckpt.get("curves")
@@ -638,124 +711,8 @@ class Checkpoint:
         if not all(torch.isfinite(p).all() for p in self.model.visual.parameters()):
             raise UsageError(f"the weights are not finite after step {step}; stopped, the last checkpoint in "
                              f"{self.args.out_dir} is kept; try a lower --lr")
-        if self.run.main:
+        if self.run.is_main:
             save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),
                                         "scaler": self.scaler.state_dict(), "step": step, "total": log.total,
                                         "model": self.args.model, "method": self.args.method, "args": vars(self.args),
                                         "curves": log.curves()})
-
-
-# ----------------------------------------------------------------------------- training: cached pre-trained results
-
-
-def weights_digest(module):
-    """SHA-1 of a module's parameters and buffers (names, dtypes, shapes and bytes): what it computes, not where it
-    was read from."""
-    h = hashlib.sha1()
-    for k, v in module.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        h.update(f"{k} {v.dtype} {tuple(v.shape)}".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-def read_cached_results(path, key, names):
-    """(results, None) from a cache file written by baseline_results for this key, else (None, why not) where the
-    file exists but cannot be used (unreadable, not ours, another key, sets missing)."""
-    if not os.path.isfile(path):
-        return None, None
-    try:
-        with open(path) as f:
-            cached = json.load(f)
-        results = cached["results"]
-        if cached["key"] != key:
-            return None, "it was written for other settings"
-        if sorted(results) != sorted(names) or not all(
-                isinstance(results[n][m], (int, float)) for n in names for m in ("clean", "robust", "n")):
-            return None, "its results do not cover the sets"
-        return results, None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"unreadable ({type(e).__name__}: {' '.join(str(e).split())[:80]})"
-
-
-def baseline_results(model, sets, cfg, args, run, evaluate_f0):
-    """The pre-trained encoder's results, evaluate_f0() (evaluate.final_evaluation's evaluation of the encoder of
-    `model` on `sets` under the attack `cfg`): the same for every method run with these settings, so cached on disk
-    ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar, beside the toy CLIP) under a key of the contents of what
-    they depend on: the model's weights (weights_digest: a released CLIP, a --model file or the toy CLIP alike), each
-    set's data.fingerprint (its class names and prompt template, so --prompts too, and its images' files by size and
-    modification time, or its in-memory arrays), the attack, seed and precision. The file is written atomically; a
-    single-process run holds a lock while it evaluates, so a second run started meanwhile waits and reads the
-    result; an unreadable or mismatching file is evaluated again and replaced (one line says so)."""
-    from clip.toy import toy_cache_path
-    key = {"version": 3, "model": weights_digest(model), "sets": {n: data.fingerprint(ds) for n, ds in sets.items()},
-           "attack": cfg, "seed": args.seed, "dtype": str(run.dtype)}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(os.path.dirname(toy_cache_path()), "baselines", digest + ".json")
-    key = json.loads(json.dumps(key))  # as it reads back from JSON
-    with file_lock(path, run.log) if run.world == 1 else contextlib.nullcontext():
-        cached, why = read_cached_results(path, key, list(sets))
-        if why:
-            run.log(f"the cached results of the pre-trained encoder in {path} are not usable ({why}); evaluating "
-                    "it again")
-        if run.all_sum([cached is not None])[0] == run.world:  # under torchrun, every rank must agree
-            run.log(f"the pre-trained encoder's results: {path} (cached)")
-            return cached
-        run.log("evaluating the pre-trained encoder")
-        results = evaluate_f0()
-        if run.main:
-            write_json(path, {"key": key, "results": results})
-    return results
-
-
-# ----------------------------------------------------------------------------- training: the curves' picture
-
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]  # one per series
-
-def nice_ticks(lo, hi, n=5, least=0.0):
-    raw = max((hi - lo) / n, least)
-    step = next(m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw)
-    return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
-
-
-def plot_curves(path, panels, size=(440, 280)):
-    """One PNG of line plots side by side; panels: [(title, {series name: [(x, y), ...]})]."""
-    from PIL import Image, ImageDraw
-    pw, ph = size
-    img = Image.new("RGB", (pw * len(panels), ph), "white")
-    draw = ImageDraw.Draw(img)
-    for p, (title, series) in enumerate(panels):
-        legend = 110 if len(series) > 1 else 0
-        x0, y0, x1, y1 = p * pw + 50, 22, (p + 1) * pw - 14 - legend, ph - 30
-        draw.text((x0, 5), title, fill="black")
-        pts = [pt for s in series.values() for pt in s]
-        if not pts:
-            draw.text((x0, y0 + 20), "not measured", fill="black")
-            continue
-        xlo, xhi = min(x for x, _ in pts), max(x for x, _ in pts)
-        ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
-        xhi, (ylo, yhi) = max(xhi, xlo + 1), (ylo - 0.5, yhi + 0.5) if yhi - ylo < 1e-6 else (ylo, yhi)
-        pad = 0.05 * (yhi - ylo)
-        ylo, yhi = ylo - pad, yhi + pad
-        X = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)  # noqa: E731
-        Y = lambda v: y1 - (v - ylo) / (yhi - ylo) * (y1 - y0)  # noqa: E731
-        for t in nice_ticks(ylo, yhi):
-            draw.line([(x0, Y(t)), (x1, Y(t))], fill="#e8e8e8")
-            draw.text((p * pw + 4, Y(t) - 6), f"{t:.4g}", fill="black")
-        for t in nice_ticks(xlo, xhi, least=1):  # steps: whole numbers
-            draw.line([(X(t), y1), (X(t), y1 + 3)], fill="black")
-            draw.text((X(t) - 8, y1 + 5), f"{t:.4g}", fill="black")
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text(((x0 + x1) // 2 - 10, ph - 13), "step", fill="black")
-        for k, (name, s) in enumerate(series.items()):
-            colour = "black" if name == "mean" else PALETTE[k % len(PALETTE)]
-            line = [(X(x), Y(y)) for x, y in s]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=2)
-            for px, py in line if len(line) <= 40 else []:
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            if legend:
-                ly = y0 + 4 + 12 * k
-                draw.line([(x1 + 8, ly + 6), (x1 + 22, ly + 6)], fill=colour, width=2)
-                draw.text((x1 + 26, ly), name[:16], fill="black")
-    img.save(path, optimize=True)

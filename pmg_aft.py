@@ -61,15 +61,15 @@ def setup_method(model, train_set, encoder, args, run):
     return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
 
 
-def training_targets(x, y, m, args):
+def training_targets(x, y, fixed, args):
     """What the attack and the loss aim at (computed once per batch, no grad): PMG-AFT uses the hard labels y."""
     return y
 
 
-def train_attack(f, x, targets, m, args):
+def train_attack(f, x, targets, fixed, args):
     """PGD on L_robust, the fine-tuned model's CE: L-inf, random start, sign steps, input gradient only."""
     y = targets
-    return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
+    return attacks.pgd(clip.ZeroShotClassifier(f, fixed.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
 def kl(target_logits, logits):
@@ -77,7 +77,7 @@ def kl(target_logits, logits):
     return F.kl_div(F.log_softmax(logits, 1), F.log_softmax(target_logits, 1), reduction="batchmean", log_target=True)
 
 
-def loss_fn(f, x, x_adv, targets, m, args):
+def loss_fn(f, x, x_adv, targets, fixed, args):
     """PMG-AFT's loss L_robust + alpha * L_general + beta * L_clean. Returns the loss and its terms.
 
     Passes besides the attack: f on [x_adv; x] in one forward (2 of the AGFT paper's Table 10 forwards, both
@@ -86,9 +86,9 @@ def loss_fn(f, x, x_adv, targets, m, args):
     ViT; a ResNet's BatchNorm in train mode pools their statistics.
     """
     y = targets
-    z_adv, z_clean = clip.cosine_logits(f(torch.cat([x_adv, x])), m.text, SCALE).chunk(2)
+    z_adv, z_clean = clip.cosine_logits(f(torch.cat([x_adv, x])), fixed.text, SCALE).chunk(2)
     with torch.no_grad():
-        z0_adv = clip.cosine_logits(m.f0(x_adv), m.text, SCALE)
+        z0_adv = clip.cosine_logits(fixed.f0(x_adv), fixed.text, SCALE)
     robust = F.cross_entropy(z_adv, y)  # L_robust: TeCoA's CE on the adversarial examples
     general = kl(z0_adv, z_adv)  # L_general: the pre-trained model's prediction on the same x_adv as target
     clean = kl(z_clean, z_adv)  # L_clean: the fine-tuned model's own clean prediction as target
@@ -109,21 +109,21 @@ def main(argv=None):
     args = get_args(argv)
     harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
-    model = clip.load(args.model, device=run.device)
+    model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
                                   prompts=args.prompts)
-    m = setup_method(model, train_set, encoder, args, run)
+    fixed = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume(total, evaluate.load_visual)  # 0 for a new run, else the checkpoint's (its weights: evaluate.py)
+    step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored
     f = torch.compile(encoder) if args.compile else encoder
     f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
+    log = harness.TrainLog(args, run, model, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
@@ -134,12 +134,12 @@ def main(argv=None):
             # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                targets = training_targets(x, y, m, args)  # 1
+                targets = training_targets(x, y, fixed, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, targets, m, args)  # 2
+                x_adv = train_attack(f, x, targets, fixed, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+                loss, terms = loss_fn(f_train, x, x_adv, targets, fixed, args)  # 3
             log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
@@ -153,7 +153,7 @@ def main(argv=None):
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
+    evaluate.final_evaluation(encoder, model, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ TGA-ZSR (tga_zsr.py) with K text heads instead of one prompt per class: head W_k
 description of every class, the descriptions (an LLM's, --descriptions) ranked by their CLIP text similarity to
 the bare class name (hallucination-aware filtering, Eq. 2-3). Attack and loss average the cross-entropy over heads:
     L = mean_k CE(s * cos(f(x_adv), W_k), y) + alpha * ||A_f(x_adv) - A_f0(x)||_2 + beta * ||A_f(x) - A_f0(x)||_2
-where the attention maps A (see attention() below) use, for each sample, the mean over k of W_k[y]; x_adv = PGD on
+where the attention maps A (see attention_map() below) use, for each sample, the mean over k of W_k[y]; x_adv = PGD on
 mean_k CE (semantic-ensemble attack). Without --descriptions, an ensemble of hand-written templates stands in (and
 the script says so).
 
@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 import attacks
+import attention
 import clip
 import data
 import evaluate
 import harness
+import toy
 
 # The paper's main setting: the default of every flag (`python saft.py --help` prints them all), with its source.
 # Optimizer SGD, momentum 0.9, weight decay 0 (paper Sec. 5.1); lr: linear warm-up, then cosine decay to 0 at the
@@ -124,9 +126,9 @@ def setup_method(model, train_set, encoder, args, run):
     harness.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     names = train_set.classnames
     source = args.descriptions
-    if source is None and args.train_set in data.TOY_TASKS:  # the toy world ships its own descriptions
-        desc, source = data.toy_descriptions(), os.path.join(args.out_dir, "descriptions.json")
-        if run.main:  # a copy beside the run, to read
+    if source is None and args.train_set in toy.TASKS:  # the toy world ships its own descriptions
+        desc, source = toy.descriptions(), os.path.join(args.out_dir, "descriptions.json")
+        if run.is_main:  # a copy beside the run, to read
             with open(source, "w") as f:
                 json.dump(desc, f, indent=1)
     else:
@@ -147,30 +149,21 @@ def setup_method(model, train_set, encoder, args, run):
     return SimpleNamespace(heads=heads, attention_text=heads.mean(0), chosen=chosen, f0=f0)
 
 
-def training_targets(x, y, m, args):
+def training_targets(x, y, fixed, args):
     """The hard labels y, and the target of both attention terms: A_f0(x), frozen encoder, clean image (no grad)."""
-    return y, attention(m.f0(x, all_tokens=True), y, x, m)
+    return y, attention_map(fixed.f0(x, all_tokens=True), y, x, fixed)
 
 
-def attention(tokens, y, x, m):
-    """TGA-ZSR's A(x, t_y), [B, H, W] in [0, 1], with t_y the mean over k of W_k[y] (the official code averages the K
-    maps' patch scores before the min-max: the same, as the scores are linear in t), computed by
-    clip.text_guided_attention:
-      tokens: every output token of the ViT after ln_post and the projection, [B, 1+P, D];
-      1. each feature channel is divided by its L2 norm over the token axis (dim 1, the CLS token included; the
-         official code's normalisation, not a per-token cosine);
-      2. the P patch tokens are kept and each scored by its dot product with t_y;
-      3. the P scores are min-max normalised per image;
-      4. reshaped row-major to sqrt(P) x sqrt(P), the patch grid;
-      5. upsampled bilinearly (align_corners=False) to x's H x W.
-    Two maps are compared by clip.map_distance: the unsquared L2 norm of their difference over the flattened H*W map,
-    per sample, averaged over the batch."""
-    return clip.text_guided_attention(tokens, m.attention_text[y], x.shape[-2:])
+def attention_map(tokens, y, x, fixed):
+    """TGA-ZSR's A(x, t_y), [B, H, W] in [0, 1], with t_y the mean over k of W_k[y], upsampled to x's size
+    (attention.text_guided). The official code averages the K maps' patch scores before the min-max: the same map,
+    as the scores are linear in t."""
+    return attention.text_guided(tokens, fixed.attention_text[y], x.shape[-2:])
 
 
-def head_logits(features, m):
+def head_logits(features, fixed):
     """s * cos(f(x), W_k) for every head: [B, K, C]."""
-    return clip.cosine_logits(features, m.heads.flatten(0, 1), SCALE).unflatten(1, m.heads.shape[:2])
+    return clip.cosine_logits(features, fixed.heads.flatten(0, 1), SCALE).unflatten(1, fixed.heads.shape[:2])
 
 
 def ensemble_ce(logits, y):
@@ -178,23 +171,23 @@ def ensemble_ce(logits, y):
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, logits.shape[1]))
 
 
-def train_attack(f, x, targets, m, args):
+def train_attack(f, x, targets, fixed, args):
     """Semantic-ensemble PGD on mean_k CE: L-inf, random start, sign steps, input gradient only."""
     y, _ = targets
     # paper Eq. 4 descends the mean cosine to the true class's descriptions; the official code ascends the K-head CE
-    return attacks.pgd(lambda x: head_logits(f(x), m), x, y, args.eps, args.step_size, args.attack_steps,
+    return attacks.pgd(lambda x: head_logits(f(x), fixed), x, y, args.eps, args.step_size, args.attack_steps,
                        loss_fn=ensemble_ce)
 
 
-def loss_fn(f, x, x_adv, targets, m, args):
+def loss_fn(f, x, x_adv, targets, fixed, args):
     """SAFT's loss as run (Sec. 5.1: TGA-ZSR's loss): mean_k CE + alpha * refinement + beta * constraint.
 
     Paper Eq. 5 minimises the mean cosine dissimilarity instead; the official code trains this one."""
     y, a0 = targets
     tokens = f(x_adv, all_tokens=True)  # one forward: the CLS token gives the logits, the patch tokens the map
-    ce = ensemble_ce(head_logits(tokens[:, 0], m), y)
-    refine = clip.map_distance(attention(tokens, y, x, m), a0)
-    constrain = clip.map_distance(attention(f(x, all_tokens=True), y, x, m), a0)
+    ce = ensemble_ce(head_logits(tokens[:, 0], fixed), y)
+    refine = attention.map_distance(attention_map(tokens, y, x, fixed), a0)
+    constrain = attention.map_distance(attention_map(f(x, all_tokens=True), y, x, fixed), a0)
     loss = ce + args.alpha * refine + args.beta * constrain
     return loss, {"ce": ce.detach(), "refine": refine.detach(), "constrain": constrain.detach()}
 
@@ -214,21 +207,21 @@ def main(argv=None):
     args = get_args(argv)
     harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
-    model = clip.load(args.model, device=run.device)
+    model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
                                   prompts=args.prompts)
-    m = setup_method(model, train_set, encoder, args, run)
+    fixed = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume(total, evaluate.load_visual)  # 0 for a new run, else the checkpoint's (its weights: evaluate.py)
+    step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored
     f = torch.compile(encoder) if args.compile else encoder
     f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
+    log = harness.TrainLog(args, run, model, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
@@ -239,12 +232,12 @@ def main(argv=None):
             # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                targets = training_targets(x, y, m, args)  # 1
+                targets = training_targets(x, y, fixed, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, targets, m, args)  # 2
+                x_adv = train_attack(f, x, targets, fixed, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+                loss, terms = loss_fn(f_train, x, x_adv, targets, fixed, args)  # 3
             log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
@@ -258,7 +251,7 @@ def main(argv=None):
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
+    evaluate.final_evaluation(encoder, model, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":

@@ -49,21 +49,21 @@ def setup_method(model, train_set, encoder, args, run):
     return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device))
 
 
-def training_targets(x, y, m, args):
+def training_targets(x, y, fixed, args):
     """What the attack and the loss aim at (computed once per batch, no grad): TeCoA uses the hard labels y."""
     return y
 
 
-def train_attack(f, x, targets, m, args):
+def train_attack(f, x, targets, fixed, args):
     """PGD on the training loss: L-inf, random start, sign steps, input gradient only."""
     y = targets
-    return attacks.pgd(clip.ZeroShotClassifier(f, m.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
+    return attacks.pgd(clip.ZeroShotClassifier(f, fixed.text, SCALE), x, y, args.eps, args.step_size, args.attack_steps)
 
 
-def loss_fn(f, x, x_adv, targets, m, args):
+def loss_fn(f, x, x_adv, targets, fixed, args):
     """TeCoA's loss (AGFT paper Eq. 4-5): CE(s * cos(f(x_adv), T), y). Returns the loss and its terms."""
     y = targets
-    loss = F.cross_entropy(clip.cosine_logits(f(x_adv), m.text, SCALE), y)
+    loss = F.cross_entropy(clip.cosine_logits(f(x_adv), fixed.text, SCALE), y)
     return loss, {"ce": loss.detach()}
 
 
@@ -80,21 +80,21 @@ def main(argv=None):
     args = get_args(argv)
     harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
-    model = clip.load(args.model, device=run.device)
+    model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part
     train_set = data.load_dataset(args.train_set, args.data_root, model.visual.input_resolution, train=True,
                                   prompts=args.prompts)
-    m = setup_method(model, train_set, encoder, args, run)
+    fixed = setup_method(model, train_set, encoder, args, run)
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
     opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
-    step = ckpt.resume(total, evaluate.load_visual)  # 0 for a new run, else the checkpoint's (its weights: evaluate.py)
+    step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored
     f = torch.compile(encoder) if args.compile else encoder
     f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
-    log = harness.TrainLog(args, run, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
+    log = harness.TrainLog(args, run, model, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
@@ -105,12 +105,12 @@ def main(argv=None):
             # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
-                targets = training_targets(x, y, m, args)  # 1
+                targets = training_targets(x, y, fixed, args)  # 1
             with run.attack_autocast():
-                x_adv = train_attack(f, x, targets, m, args)  # 2
+                x_adv = train_attack(f, x, targets, fixed, args)  # 2
             encoder.train()
             with run.autocast():
-                loss, terms = loss_fn(f_train, x, x_adv, targets, m, args)  # 3
+                loss, terms = loss_fn(f_train, x, x_adv, targets, fixed, args)  # 3
             log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
@@ -124,7 +124,7 @@ def main(argv=None):
             if step == total:
                 break
     log.close()
-    evaluate.final_evaluation(encoder, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
+    evaluate.final_evaluation(encoder, model, args, run)  # PGD-20 on --eval-sets, before (--eval-baseline) and after
 
 
 if __name__ == "__main__":

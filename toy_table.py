@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-import data
+import toy
 
 RUNS = {  # name -> (script, extra flags): the six methods' defaults, then the ablations
     "tecoa": ("tecoa.py", []),
@@ -37,7 +37,7 @@ RUNS = {  # name -> (script, extra flags): the six methods' defaults, then the a
     "tga_zsr_comp_weights": ("tga_zsr.py", ["--alpha", "0.7", "--beta", "0.7"]),  # Comp-TGA's weights, TGA-ZSR's map
     "saft_k1": ("saft.py", ["--k", "1"]),
 }
-TASKS = data.TOY_HELDOUT + [data.TOY_TRAIN]
+TASKS = toy.HELDOUT + [toy.TRAIN]
 
 
 def run_one(name, seed, out_dir, log):
@@ -73,7 +73,7 @@ def mean_std(values, digits=1):
 
 
 def line(label, rows, seconds=None):
-    heldout = [mean_std([statistics.fmean(r[t][metric] for t in data.TOY_HELDOUT) for r in rows])
+    heldout = [mean_std([statistics.fmean(r[t][metric] for t in toy.HELDOUT) for r in rows])
                for metric in ("clean", "robust")]
     tasks = [f"{mean_std([r[t]['clean'] for r in rows])} / {mean_std([r[t]['robust'] for r in rows])}" for t in TASKS]
     return "| " + " | ".join([label] + heldout + tasks + [f"{mean_std(seconds, 0)} s" if seconds else ""]) + " |"
@@ -82,7 +82,7 @@ def line(label, rows, seconds=None):
 def pretrain(log):
     """Pre-train the toy CLIP (or find it cached) in a process of its own, so that its time is measured alone."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", "import clip; clip.load('toy')"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-c", "import harness; harness.load_model('toy', harness.Run('cpu', None))"], stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         sys.exit(f"toy_table: pre-training the toy CLIP failed: {proc.stderr.strip().splitlines()[-1:]}")
     cached = "pre-training" not in proc.stderr
@@ -94,10 +94,10 @@ def table(runs, seeds, out_dir, jobs=2, log=print):
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # each run is a process with one CPU thread
         futures = {(name, s): pool.submit(run_one, name, s, out_dir, log) for name in runs for s in seeds}
         results = {name: [futures[name, s].result() for s in seeds] for name in runs}
-    names = {t: data.TOY_TASKS[t][1] for t in TASKS}
+    names = {t: toy.TASKS[t][1] for t in TASKS}
     chance = {t: {"clean": 100 / len(names[t]), "robust": 100 / len(names[t])} for t in TASKS}
     heads = ["model", "held-out clean", "held-out robust"] + [
-        f"{t.replace('toy_', '')} ({len(names[t])})" if t != data.TOY_TRAIN else f"fine-tuning task ({len(names[t])})"
+        f"{t.replace('toy_', '')} ({len(names[t])})" if t != toy.TRAIN else f"fine-tuning task ({len(names[t])})"
         for t in TASKS] + ["run time"]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads),
              line("chance (1 / classes)", [chance])]

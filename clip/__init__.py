@@ -1,20 +1,21 @@
-"""nanoZSAR's CLIP: OpenAI's architecture and checkpoints, written small (model.py, tokenizer.py, loader.py).
+"""A small CLIP: OpenAI's architecture and checkpoints (model.py, tokenizer.py, loader.py), and the checkpoints of
+fine-tuned image encoders that robust-CLIP codebases release (loader.py).
 
     model = clip.load("ViT-B/32")                       # eval mode, fp32
     text = clip.encode_text(model, ["a photo of a dog"])  # [C, D], L2-normalised
     classify = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), text)  # [0,1] images -> logits
+    clip.load_visual(model, "ckpt.pt", "ViT-B/32")      # a fine-tuned image encoder into model.visual
 """
 import torch
 import torch.nn.functional as F
 
-from .loader import CLIPError, available_models, load, vision_kind
-from .model import (CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits, text_guided_attention,
-                    complementary_attention, map_distance)
+from .loader import CLIPError, available_models, checkpoint_encoder, load, load_visual, read_checkpoint, vision_kind
+from .model import CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits
 from .tokenizer import tokenize
 
-__all__ = ["available_models", "load", "vision_kind", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model",
-           "ImageEncoder", "ZeroShotClassifier", "cosine_logits", "text_guided_attention",
-           "complementary_attention", "map_distance"]
+__all__ = ["available_models", "load", "vision_kind", "read_checkpoint", "checkpoint_encoder", "load_visual",
+           "tokenize", "encode_text", "CLIPError", "CLIP", "build_model", "ImageEncoder", "ZeroShotClassifier",
+           "cosine_logits"]
 
 
 @torch.no_grad()

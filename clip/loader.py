@@ -9,9 +9,8 @@ checksum, so only its length is checked; saved as e.g. vit_base_patch32_clip_224
 a temporary file renamed into place when complete. A line on stderr says which file and source were used.
 A path loads a TorchScript archive as OpenAI publishes them (fp16, converted to fp32) or a torch.save'd
 state dict (optionally under "state_dict", optionally with DistributedDataParallel's "module." prefix).
-"toy" loads the small toy CLIP of clip/toy.py. Every failure raises CLIPError with a one-line message.
+Every failure raises CLIPError with a one-line message.
 """
-import contextlib
 import hashlib
 import os
 import sys
@@ -20,9 +19,10 @@ import urllib.request
 import warnings
 import zipfile
 
+import numpy as np
 import torch
 
-from .model import build_model
+from .model import ModifiedResNet, VisionTransformer, build_model
 
 # {stem} is the model name with "/" and "@" replaced by "-", e.g. ViT-L-14-336px
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/{sha256}/{stem}.pt"
@@ -52,9 +52,6 @@ def available_models():
 
 def load(name_or_path, device="cpu", download_root=None):
     """A model name or a checkpoint path -> CLIP in eval mode, fp32 weights, on `device`."""
-    if name_or_path == "toy":
-        from .toy import load_toy  # imported here so that clip/ works without it
-        return load_toy(device)
     if name_or_path in MODELS:
         path, source = fetch(name_or_path, download_root)
         print(f"clip: {name_or_path} from {source}", file=sys.stderr)
@@ -67,12 +64,9 @@ def load(name_or_path, device="cpu", download_root=None):
 
 
 def vision_kind(name_or_path):
-    """'vit' or 'resnet': the image tower of a model name, of "toy", or of a torch.save'd state dict (its keys only,
+    """'vit' or 'resnet': the image tower of a model name or of a torch.save'd state dict (its keys only,
     memory-mapped); None when it cannot be told without building the model (a TorchScript file, an unknown name).
     Downloads nothing, so scripts can refuse an architecture they cannot use before any expensive work."""
-    if name_or_path == "toy":
-        from .toy import TOY_CONFIG
-        return "resnet" if TOY_CONFIG.get("vision_patch_size") is None else "vit"
     if name_or_path in MODELS:
         return "resnet" if name_or_path.startswith("RN") else "vit"
     if not os.path.isfile(name_or_path) or zipfile.is_zipfile(name_or_path) and is_torchscript(name_or_path):
@@ -200,41 +194,147 @@ def one_line(e):
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
 
 
-# cache files: a lock while one process writes, and atomic writes (used by the toy cache and the run harness)
+# ----------------------------------------------------------------------------- checkpoints of fine-tuned image encoders
+# Ours, and the layouts the other codebases release: read_checkpoint -> checkpoint_encoder (which layout, the image
+# encoder's state dict in OpenAI's key names) -> load_visual (into a built model).
 
-@contextlib.contextmanager
-def file_lock(path, log=print):
-    """An exclusive lock on path + '.lock' for the duration (flock: released by the kernel if the process dies); says
-    so when it has to wait for another process. Without fcntl (Windows) it does not lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CLIPError(f"checkpoint not found: {path}")
+    try:  # numpy scalars are allowed: TeCoA's and PMG-AFT's checkpoints store best_acc1 as one
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIPError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+# (name, test, get): the first layout whose test passes gives the encoder. Keys may carry "module." (DataParallel) or
+# "_orig_mod." (torch.compile) and, in open_clip files, layer scales (ls_1/ls_2.gamma), folded into the projections.
+CHECKPOINT_FORMATS = [
+    ("nanoZSAR checkpoint", lambda c: isinstance(c.get("visual"), dict), lambda c: c["visual"]),
+    ("TeCoA / PMG-AFT / TGA-ZSR / SAFT checkpoint (vision_encoder_state_dict)",
+     lambda c: isinstance(c.get("vision_encoder_state_dict"), dict), lambda c: c["vision_encoder_state_dict"]),
+    ("AGFT checkpoint (modules['clip.visual'])", lambda c: isinstance(c.get("modules"), dict) and
+     isinstance(c["modules"].get("clip.visual"), dict), lambda c: c["modules"]["clip.visual"]),
+    ("CLIP state dict (visual.* keys; OpenAI or open_clip names)", lambda c: any(k.startswith("visual.") for k in c),
+     lambda c: {k[len("visual."):]: v for k, v in c.items() if k.startswith("visual.")}),
+    ("image-encoder state dict (OpenAI or open_clip names, e.g. FARE)", lambda c: "conv1.weight" in c, lambda c: c),
+]
+# keys of a full CLIP state dict that belong to the text tower (OpenAI's and open_clip's names), skipped
+TEXT_KEYS = ("transformer.", "token_embedding.", "positional_embedding", "ln_final.", "text_projection", "logit_scale",
+             "logit_bias", "text.", "attn_mask", "input_resolution", "context_length", "vocab_size")
+VIT_NAMES = {(768, 12, 32, 224): "ViT-B/32", (768, 12, 16, 224): "ViT-B/16", (1024, 24, 14, 224): "ViT-L/14",
+             (1024, 24, 14, 336): "ViT-L/14@336px"}
+_SCALAR = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
+NUMPY_SCALARS = [np.dtype, (_SCALAR, "numpy.core.multiarray.scalar"), (_SCALAR, "numpy._core.multiarray.scalar")] + [
+    t for t in vars(np.dtypes).values() if isinstance(t, type)]  # numpy 1.x and 2.x names of a pickled scalar
+
+
+def _generic(key):
+    return ".".join("N" if part.isdigit() else part for part in key.split("."))
+
+
+def image_tower_names():
+    """Every key an OpenAI ViT or ResNet image tower can have, block numbers as N (from two tiny towers, no weights)."""
+    vit, rn = VisionTransformer(32, 16, 8, 1, 1, 8), ModifiedResNet((1, 1, 1, 1), 8, 1, 32, 2)
+    return {_generic(k) for m in (vit, rn) for k in m.state_dict()}
+
+
+def strip_prefix(sd, prefixes=("module.", "_orig_mod.")):
+    """Keys without DataParallel's "module." and torch.compile's "_orig_mod." prefixes."""
+    out = {}
+    for k, v in sd.items():
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def fold_layer_scale(sd):
+    """open_clip's x + gamma * f(x) (ls_1 after attn.out_proj, ls_2 after mlp.c_proj) as OpenAI's x + f'(x)."""
+    sd = dict(sd)
+    for key in [k for k in sd if k.endswith((".ls_1.gamma", ".ls_2.gamma"))]:
+        gamma, block = sd.pop(key).float(), key.rsplit(".", 2)[0]
+        proj = f"{block}.attn.out_proj" if ".ls_1." in key else f"{block}.mlp.c_proj"
+        sd[f"{proj}.weight"] = sd[f"{proj}.weight"].float() * gamma[:, None]
+        sd[f"{proj}.bias"] = sd[f"{proj}.bias"].float() * gamma
+    return sd
+
+
+def describe_encoder(sd):
+    """'a ViT-L/14 image encoder' (or its width/layers/patch/resolution), 'a ResNet image encoder', from shapes."""
+    if "proj" not in sd or "conv1.weight" not in sd or "positional_embedding" not in sd:
+        return "a ResNet image encoder" if "attnpool.c_proj.weight" in sd else "an image encoder"
+    width, patch = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
+    layers = len([k for k in sd if k.endswith(".attn.in_proj_weight")])
+    res = patch * round((sd["positional_embedding"].shape[0] - 1) ** 0.5)
+    name = VIT_NAMES.get((width, layers, patch, res))
+    return f"a {name} image encoder" if name else f"a ViT image encoder (width {width}, {layers} layers, patch {patch}, {res} px)"
+
+
+def checkpoint_encoder(ckpt, path):
+    """(layout, image-encoder state dict in OpenAI's key names) of a checkpoint read by read_checkpoint.
+
+    UsageError (one line) for a layout not in CHECKPOINT_FORMATS, keys it cannot map, and weights that are not all
+    finite (NaN or inf: a diverged run). Needs no model, so evaluate.py runs it before loading or downloading one."""
+    top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
+    found = next(((name, get) for name, test, get in CHECKPOINT_FORMATS if test(top)), None)
+    if found is None:
+        keys = list(top)[:6] if top else type(ckpt).__name__
+        raise CLIPError(f"{path}: unknown checkpoint layout, no image encoder found; keys not understood: {keys} "
+                         f"(readable: ours, vision_encoder_state_dict, AGFT's modules, (visual.)conv1.weight... state dicts)")
+    name, get = found
+    sd = strip_prefix(get(top))
+    if name.startswith("CLIP state dict"):
+        sd.update({k: v for k, v in top.items() if not k.startswith("visual.") and not k.startswith(TEXT_KEYS)})
+    sd = fold_layer_scale(sd)
+    known = image_tower_names()
+    unknown = [k for k in sd if _generic(k) not in known]
+    if unknown:
+        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
+        raise CLIPError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
+                         "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
+    broken = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise CLIPError(f"{path}: {name}, but {len(broken)} of its {len(sd)} weight tensors hold NaN or inf "
+                         f"({', '.join(broken[:3])}{more}); the weights are broken (a diverged run?): use an earlier "
+                         "checkpoint")
+    return name, sd
+
+
+def check_encoder_fits(sd, path, model_name, ours=None):
+    """UsageError (one line) when --model names one of OpenAI's architectures and the checkpoint's encoder is
+    recognisably another one (a ViT for a ResNet, ViT-L/14 for ViT-B/32): before that model is downloaded."""
+    if model_name not in available_models():
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process that holds {path}.lock")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    kind, held = vision_kind(model_name), describe_encoder(sd)
+    named = next((n for n in VIT_NAMES.values() if held == f"a {n} image encoder"), None)
+    vit = "positional_embedding" in sd and "proj" in sd and "conv1.weight" in sd
+    if (kind == "resnet" and not vit) or (kind == "vit" and held == f"a {model_name} image encoder"):
+        return  # a ResNet's exact shapes are compared once the model is built (load_visual)
+    suggest = ours or named or "<its CLIP>"
+    raise CLIPError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of --model {model_name} "
+                     f"(a {'ResNet' if kind == 'resnet' else model_name} image encoder); pass --model {suggest}")
 
 
-def write_atomically(path, write, mode="w"):
-    """Write a file atomically: write(f) into a temporary file in the same folder, flushed to disk, then renamed over
-    the old one, so a reader never sees half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def load_visual(model, path, model_name, ckpt=None):
+    """Load the image encoder of a checkpoint into model.visual and return the checkpoint (read here unless given).
+
+    Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
+    which layout it found, and refuses (UsageError) keys it cannot map, weights that are not finite, and encoders of
+    another architecture."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    name, sd = checkpoint_encoder(ckpt, path)
+    expected = model.visual.state_dict()
+    if set(sd) != set(expected) or any(sd[k].shape != v.shape for k, v in expected.items() if k in sd):
+        if all(k in expected and v.shape == expected[k].shape for k, v in sd.items()):  # our architecture, cut short
+            missing = [k for k in expected if k not in sd]
+            raise CLIPError(f"{path}: {name}, but {len(missing)} keys are missing: {', '.join(missing[:6])}")
+        ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
+        raise CLIPError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
+                         f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
+    model.visual.load_state_dict(sd)
+    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}", file=sys.stderr)
+    return ckpt

@@ -301,38 +301,3 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, images):
         return cosine_logits(self.encoder(images), self.text_features, self.scale)
-
-
-def text_guided_attention(tokens, text, size):
-    """TGA-ZSR's text-guided attention map A(x, t), shape [B, H, W] in [0,1].
-
-    tokens: all output tokens [B, 1+P, D] of the ViT (after ln_post and proj); text: [B, D], each sample's
-    ground-truth class text feature. Each channel is divided by its L2 norm over the token axis (CLS included,
-    as the official code does), the P patch tokens are scored by their dot product with t, min-max normalised
-    per image, reshaped row-major to sqrt(P) x sqrt(P), and upsampled bilinearly to `size`.
-    The paper (Comp-TGA Eq. 6) resizes before normalising and names no channel normalisation; this is the code's order.
-    """
-    with torch.autocast(tokens.device.type, enabled=False):  # fp32 even under autocast: min-max magnifies rounding
-        tokens = tokens.float()
-        tokens = tokens / tokens.norm(dim=1, keepdim=True)
-        scores = torch.einsum("bpd,bd->bp", tokens[:, 1:], text.float())
-        lo, hi = scores.min(dim=1, keepdim=True).values, scores.max(dim=1, keepdim=True).values
-        scores = (scores - lo) / (hi - lo + 1e-8)
-        g = round(scores.shape[1] ** 0.5)
-        maps = F.interpolate(scores.view(-1, 1, g, g), size=size, mode="bilinear", align_corners=False)
-    return maps[:, 0]
-
-
-def map_distance(a, b):
-    """TGA-ZSR's attention distance (Eq. 9, 12): ||a - b||_2 over each flattened H*W map (unsquared), batch mean."""
-    return (a - b).flatten(1).norm(dim=1).mean()
-
-
-def complementary_attention(tokens, text_cls, text_non, size):
-    """Comp-TGA's complementary map A_cls * (1 - A_non) (Comp-TGA Eq. 6-8), shape [B, H, W] in [0,1].
-
-    text_cls, text_non: [B, D] features of each sample's class prompt ("This is a photo of a {c}") and non-class
-    prompt ("This is not a photo of a {c}"). Both maps come from the same tokens (one encoder forward), each
-    min-max normalised and upsampled on its own; the product is not renormalised.
-    """
-    return text_guided_attention(tokens, text_cls, size) * (1 - text_guided_attention(tokens, text_non, size))
