@@ -10,6 +10,7 @@ import os
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from prompts import FLOWERS, PROMPTS, NamingError
 import toy
 
 
@@ -192,7 +193,7 @@ def make_loader(dataset, batch_size, sampler=None, workers=0, pin=False):
 # Each set lives in a fixed folder under --data-root, in the layout torchvision's class for it expects (or the layout
 # of the official archive where torchvision has no class), and is read from there as it is: nothing is moved or
 # rewritten. Splits follow the AGFT paper's code (TeCoA, PMG-AFT, TGA-ZSR and SAFT evaluate the same ones); prompt
-# templates and class names follow the chosen convention (PROMPTS, below the loaders). Preprocessing: CIFAR-10/100
+# templates and class names follow the chosen convention (prompts.PROMPTS). Preprocessing: CIFAR-10/100
 # and STL-10 stay at their native 32 / 96 px (the model upsamples after the attack) unless resize_small
 # (evaluate.py --resize-before-attack); every other set is resized (shorter side) and centre-cropped to the model
 # resolution before the attack. Small square images (CIFAR, STL, TinyImageNet's 64 px) leave the loader as uint8
@@ -205,40 +206,34 @@ TRAIN_SETS = ["imagenet", "tinyimagenet", "cifar10", "cifar100"]
 SMALL_SETS = {"cifar10", "cifar100", "stl10"}  # fed at native resolution unless resize_small
 DEVICE_RESIZED = SMALL_SETS | {"tinyimagenet"}  # square uint8 images, resized on the device when resized at all
 
-# name: (folder under --data-root, what it holds, AGFT's template, how --download does). "" = cannot be downloaded.
+# name: (folder under --data-root, what it holds, how --download does). "" = cannot be downloaded.
 TV = "--download fetches it with torchvision"
 SETS = {
-    "caltech101": ("caltech101", "101_ObjectCategories/<category>/image_NNNN.jpg", "A photo of a {}.",
+    "caltech101": ("caltech101", "101_ObjectCategories/<category>/image_NNNN.jpg",
                    TV + ", though releases before pytorch/vision#9205 use dead Google Drive links"),
-    "caltech256": ("caltech256", "256_ObjectCategories/NNN.<category>/NNN_NNNN.jpg", "A photo of a {}.",
+    "caltech256": ("caltech256", "256_ObjectCategories/NNN.<category>/NNN_NNNN.jpg",
                    TV + ", though releases before pytorch/vision#9205 use dead Google Drive links"),
-    "cifar10": ("cifar-10-batches-py", "the CIFAR-10 python pickles batches.meta, data_batch_1..5, test_batch",
-                "This is a photo of a {}.", TV),
-    "cifar100": ("cifar-100-python", "the CIFAR-100 python pickles meta, train, test", "This is a photo of a {}.", TV),
-    "dtd": ("dtd/dtd", "images/<texture>/*.jpg and labels/test1.txt", "A surface with a {} texture.", TV),
-    "eurosat": ("eurosat/2750", "the 10 class folders AnnualCrop/ .. SeaLake/ of the RGB release",
-                "A centered satellite photo of {}.", TV),
-    "fgvc_aircraft": ("fgvc-aircraft-2013b/data", "variants.txt, images_variant_test.txt and images/*.jpg",
-                      "A photo of a {}, a type of aircraft.", TV),
-    "flowers102": ("flowers-102", "jpg/image_NNNNN.jpg, imagelabels.mat and setid.mat",
-                   "A photo of a {}, a type of flower.", TV),
-    "food101": ("food-101", "meta/test.json and images/<dish>/*.jpg", "A photo of {}, a type of food.", TV),
-    "imagenet": ("imagenet", "the 1000 ILSVRC-2012 wnid folders val/<wnid>/*.JPEG (train/<wnid>/ for training)",
-                 "This is a photo of a {}.", ""),
-    "oxford_pets": ("oxford-iiit-pet", "images/*.jpg and annotations/test.txt", "A photo of a {}, a type of pet.", TV),
-    "pcam": ("pcam", "camelyonpatch_level_2_split_test_x.h5 and _y.h5, read with h5py", "{}",
+    "cifar10": ("cifar-10-batches-py", "the CIFAR-10 python pickles batches.meta, data_batch_1..5, test_batch", TV),
+    "cifar100": ("cifar-100-python", "the CIFAR-100 python pickles meta, train, test", TV),
+    "dtd": ("dtd/dtd", "images/<texture>/*.jpg and labels/test1.txt", TV),
+    "eurosat": ("eurosat/2750", "the 10 class folders AnnualCrop/ .. SeaLake/ of the RGB release", TV),
+    "fgvc_aircraft": ("fgvc-aircraft-2013b/data", "variants.txt, images_variant_test.txt and images/*.jpg", TV),
+    "flowers102": ("flowers-102", "jpg/image_NNNNN.jpg, imagelabels.mat and setid.mat", TV),
+    "food101": ("food-101", "meta/test.json and images/<dish>/*.jpg", TV),
+    "imagenet": ("imagenet", "the 1000 ILSVRC-2012 wnid folders val/<wnid>/*.JPEG (train/<wnid>/ for training)", ""),
+    "oxford_pets": ("oxford-iiit-pet", "images/*.jpg and annotations/test.txt", TV),
+    "pcam": ("pcam", "camelyonpatch_level_2_split_test_x.h5 and _y.h5, read with h5py",
              TV + " and gdown, though Google Drive quotas often break it"),
     "stanford_cars": ("stanford_cars", "devkit/cars_meta.mat, cars_test_annos_withlabels.mat and cars_test/*.jpg, "
-                      "read with scipy", "A photo of a {}.", ""),
-    "stl10": ("stl10_binary", "test_X.bin, test_y.bin and class_names.txt", "This is a photo of a {}.", TV),
-    "sun397": ("SUN397", "ClassName.txt and <letter>/<category>/sun_*.jpg", "This is a photo of a {}.",
+                      "read with scipy", ""),
+    "stl10": ("stl10_binary", "test_X.bin, test_y.bin and class_names.txt", TV),
+    "sun397": ("SUN397", "ClassName.txt and <letter>/<category>/sun_*.jpg",
                "--download tries torchvision's URL, reported dead in pytorch/vision#9348"),
     "tinyimagenet": ("tiny-imagenet-200", "the official zip as it is: wnids.txt, words.txt, "
-                     "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt",
-                     "This is a photo of a {}.", ""),
-    "country211": ("country211", "test/<ISO country code>/*.jpg", "A photo I took in {}.", TV),
-    "imagenet-r": ("imagenet-r", "<wnid>/*.jpg, 200 wnid folders", "This is a photo of a {}.", ""),
-    "imagenet-sketch": ("sketch", "<wnid>/*.JPEG, the 1000 wnid folders", "This is a photo of a {}.", ""),
+                     "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt", ""),
+    "country211": ("country211", "test/<ISO country code>/*.jpg", TV),
+    "imagenet-r": ("imagenet-r", "<wnid>/*.jpg, 200 wnid folders", ""),
+    "imagenet-sketch": ("sketch", "<wnid>/*.JPEG, the 1000 wnid folders", ""),
 }
 # What must exist (relative to the set's folder) before a set counts as present; training splits in REQUIRED_TRAIN.
 REQUIRED = {"cifar10": ["test_batch"], "cifar100": ["test"], "dtd": ["labels", "images"],
@@ -254,50 +249,10 @@ REQUIRED_TRAIN = {"imagenet": ["train"], "tinyimagenet": ["wnids.txt", "words.tx
 
 EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
                    "Residential", "River", "SeaLake"]
-EUROSAT_NAMES = ["annual crop land", "a forest", "brushland or shrubland", "a highway or a road",
-                 "industrial buildings", "pasture land", "permanent crop land", "residential buildings", "a river",
-                 "a sea or a lake"]  # every convention
-# The 102 Oxford flowers in label order (label 1 first), as usually written. AGFT reads "-" as a space and drops "?"
-# and "'" (flowers_agft); the TeCoA family's list has no "'" either ("colts foot"), and it reads "-" as a space but
-# keeps the "?". Both lists write "cyclamen " and "hippeastrum " with a trailing space, which is kept, so the prompts
-# are the papers' to the character (CLIP's tokenizer drops the space).
-FLOWERS = (
-    "pink primrose|hard-leaved pocket orchid|canterbury bells|sweet pea|english marigold|tiger lily|moon orchid|"
-    "bird of paradise|monkshood|globe thistle|snapdragon|colt's foot|king protea|spear thistle|yellow iris|"
-    "globe-flower|purple coneflower|peruvian lily|balloon flower|giant white arum lily|fire lily|pincushion flower|"
-    "fritillary|red ginger|grape hyacinth|corn poppy|prince of wales feathers|stemless gentian|artichoke|"
-    "sweet william|carnation|garden phlox|love in the mist|mexican aster|alpine sea holly|ruby-lipped cattleya|"
-    "cape flower|great masterwort|siam tulip|lenten rose|barbeton daisy|daffodil|sword lily|poinsettia|"
-    "bolero deep blue|wallflower|marigold|buttercup|oxeye daisy|common dandelion|petunia|wild pansy|primula|"
-    "sunflower|pelargonium|bishop of llandaff|gaura|geranium|orange dahlia|pink-yellow dahlia?|cautleya spicata|"
-    "japanese anemone|black-eyed susan|silverbush|californian poppy|osteospermum|spring crocus|bearded iris|"
-    "windflower|tree poppy|gazania|azalea|water lily|rose|thorn apple|morning glory|passion flower|lotus|toad lily|"
-    "anthurium|frangipani|clematis|hibiscus|columbine|desert-rose|tree mallow|magnolia|cyclamen |watercress|"
-    "canna lily|hippeastrum |bee balm|ball moss|foxglove|bougainvillea|camellia|mallow|mexican petunia|bromelia|"
-    "blanket flower|trumpet creeper|blackberry lily").split("|")
-
-
-def flowers_agft():
-    """The Flowers102 class names as AGFT writes them."""
-    return [n.replace("-", " ").replace("?", "").replace("'", "") for n in FLOWERS]
-
-
-def lower_spaces(name, slash=True):
-    """The TeCoA family's class-name rule (TeCoA, PMG-AFT, TGA-ZSR, SAFT): lower case, '_', '-' and '/' read as
-    spaces; its dataset files with prompts of their own leave '/' alone (slash=False)."""
-    name = name.lower().replace("_", " ").replace("-", " ")
-    return name.replace("/", " ") if slash else name
-
-
-def refine(name):
-    """AGFT's class-name rule: the TeCoA family's, surrounding spaces stripped."""
-    return lower_spaces(name).strip()
-
-
 def imagenet_classnames():
     """The 1000 ImageNet names in sorted-wnid order as AGFT writes them: torchvision's short Keras-style names with
     '-' read as a space, case kept. torchvision tells the two homonym pairs apart ("crane bird", "maillot tank suit");
-    AGFT's names file does not, so neither do we. The TeCoA family lower-cases the same names (PROMPTS); FARE uses
+    AGFT's names file does not, so neither do we. The TeCoA family lower-cases the same names (prompts.py); FARE uses
     OpenAI's curated names with 80 templates."""
     from torchvision.models._meta import _IMAGENET_CATEGORIES
     names = [n.replace("-", " ") for n in _IMAGENET_CATEGORIES]
@@ -407,20 +362,6 @@ def _caltech(which, folder):
     return load
 
 
-def _caltech101_person(ds):
-    """AGFT's Caltech-101: Faces and Faces_easy are one class, "person", first (100 classes); relabels ds."""
-    faces = {"Faces", "Faces_easy"}
-    rest = [c for c in ds.source_names if c not in faces]
-    label = [0 if c in faces else 1 + rest.index(c) for c in ds.source_names]
-    ds.samples = [(path, label[y]) for path, y in ds.samples]
-    return ["person"] + [refine(c) for c in rest]
-
-
-def _caltech256_name(c):
-    # "NNN." dropped, and the "-101" suffix of the classes shared with Caltech-101 (every convention)
-    return refine(c[4:].replace("-101", ""))
-
-
 def _torchvision(cls_name, has_train=False, **kw):
     """A loader that builds torchvision's class (with train=... where it has a training split); its `classes` are the
     source names."""
@@ -455,35 +396,6 @@ def _flowers102(path, root, tf, train, download):
     ids = read_mat(os.path.join(path, "setid.mat"))["tstid"]  # the test split, 6,149 images
     samples = [(os.path.join(path, "jpg", f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids]
     return ImageList(samples, list(FLOWERS), tf)
-
-
-def _boeing(variant):
-    # Variants starting with a digit 7 are Boeing 7x7s, written "Boeing 707-320" (every convention)
-    return f"Boeing {variant}" if variant.startswith("7") else variant
-
-
-# PCAM's two fixed prompts (so its template is "{}"): AGFT's, and the TeCoA family's, misspelt "Tthis" in its code
-PCAM_AGFT = ["This is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
-PCAM_TGA = ["Tthis is a photo of healthy lymph node tissue.", "This is a photo of lymph node tumor tissue."]
-
-
-def _country_names(ds, full=False):
-    # The ISO code's pycountry name, XK = Kosovo; AGFT cuts it at the first comma and reads '-' as a space (AGFT pins
-    # pycountry 24.6.1; names differ between versions), the TeCoA family keeps it whole and reads '_' and '-' as
-    # spaces, case kept in both.
-    try:
-        import pycountry
-    except ImportError:
-        raise DataError("country211: its class names come from the ISO codes through pycountry, which is not installed "
-                        "(pip install pycountry==24.6.1, the version AGFT pins)") from None
-    names = {c.alpha_2: c.name for c in pycountry.countries}
-    names["XK"] = "Kosovo"
-    unknown = [c for c in ds.classes if c not in names]
-    if unknown:
-        raise DataError(f"country211: folders {unknown[:5]} are not ISO 3166 country codes known to pycountry")
-    if full:
-        return [names[c].replace("_", " ").replace("-", " ") for c in ds.source_names]
-    return [names[c].split(",")[0].replace("-", " ") for c in ds.source_names]
 
 
 def _imagenet(path, root, tf, train, download):
@@ -547,71 +459,6 @@ LOADERS = {
 }
 
 
-def _each(rule):
-    """A class-name rule applied to every source name."""
-    return lambda ds: [rule(c) for c in ds.source_names]
-
-
-def _no_slash(name):
-    return lower_spaces(name, slash=False)
-
-
-# --- prompt conventions ---
-# One prompt per class, template.format(name): {convention: {set: (template, names)}}, where names(ds) maps the
-# loader's source names to the names in the prompts (relabelling the set where classes merge).
-# agft: the AGFT paper's code. tga: the code of TGA-ZSR and Comp-TGA, whose dataset files come from TeCoA (PMG-AFT's
-# too): the template "This is a photo of a {}" without a full stop wherever a set has no template of its own, names
-# lower-cased (except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files, so
-# the same strings as tga.
-GENERIC = "This is a photo of a {}"
-PROMPTS = {
-    "agft": {
-        "caltech101": (SETS["caltech101"][2], _caltech101_person),
-        "caltech256": (SETS["caltech256"][2], _each(_caltech256_name)),
-        "cifar10": (SETS["cifar10"][2], _each(refine)),
-        "cifar100": (SETS["cifar100"][2], _each(refine)),
-        "dtd": (SETS["dtd"][2], _each(refine)),
-        "eurosat": (SETS["eurosat"][2], lambda ds: list(EUROSAT_NAMES)),
-        "fgvc_aircraft": (SETS["fgvc_aircraft"][2], _each(_boeing)),  # case kept
-        "flowers102": (SETS["flowers102"][2], lambda ds: flowers_agft()),
-        "food101": (SETS["food101"][2], _each(refine)),
-        "imagenet": (SETS["imagenet"][2], _each(str)),  # Keras-style names, case kept
-        "oxford_pets": (SETS["oxford_pets"][2], _each(refine)),
-        "pcam": (SETS["pcam"][2], lambda ds: list(PCAM_AGFT)),
-        # the year (last 5 characters) dropped, '-' read as a space, case kept
-        "stanford_cars": (SETS["stanford_cars"][2], _each(lambda c: c[:-5].replace("-", " "))),
-        "stl10": (SETS["stl10"][2], _each(str)),  # torchvision's names as they are
-        "sun397": (SETS["sun397"][2], _each(refine)),
-        "tinyimagenet": (SETS["tinyimagenet"][2], _each(str)),
-        "country211": (SETS["country211"][2], _country_names),
-        "imagenet-r": (SETS["imagenet-r"][2], _each(str)),
-        "imagenet-sketch": (SETS["imagenet-sketch"][2], _each(str)),
-    },
-    "tga": {
-        "caltech101": (GENERIC, _each(lower_spaces)),  # "faces", "faces easy", "leopards", ...
-        "caltech256": ("A photo of a {}.", _each(_caltech256_name)),
-        "cifar10": (GENERIC, _each(lower_spaces)),
-        "cifar100": (GENERIC, _each(lower_spaces)),
-        "dtd": ("A surface with a {} texture.", _each(_no_slash)),
-        "eurosat": ("A centered satellite photo of {}.", lambda ds: list(EUROSAT_NAMES)),
-        "fgvc_aircraft": ("A photo of a {}, a type of aircraft.",
-                          _each(lambda c: _boeing(c).lower().replace("_", " "))),  # hyphens kept: "boeing 707-320"
-        "flowers102": ("A photo of a {}, a type of flower.",
-                       _each(lambda c: _no_slash(c.replace("'", "")))),  # "pink yellow dahlia?"
-        "food101": ("A photo of {}, a type of food.", _each(_no_slash)),
-        "imagenet": (GENERIC, _each(lower_spaces)),
-        "oxford_pets": ("A photo of a {}, a type of pet.", _each(_no_slash)),
-        "pcam": ("{}", lambda ds: list(PCAM_TGA)),
-        "stanford_cars": ("A photo of a {}.", _each(lambda c: _no_slash(c[:-5]))),  # "ram c/v cargo van minivan"
-        "stl10": (GENERIC, _each(lower_spaces)),
-        "sun397": (GENERIC, _each(lower_spaces)),
-        "tinyimagenet": (GENERIC, _each(lower_spaces)),
-        "country211": ("A photo I took in {}.", lambda ds: _country_names(ds, full=True)),
-        "imagenet-r": (GENERIC, _each(lower_spaces)),
-        "imagenet-sketch": (GENERIC, _each(lower_spaces)),  # not in their code: its generic rule
-    },
-}
-PROMPTS["saft"] = PROMPTS["tga"]
 NEEDS = {"pcam": "h5py", "stanford_cars": "scipy"}  # optional packages torchvision needs for these
 
 
@@ -625,7 +472,7 @@ def canonical_name(name):
 
 def where(name):
     """What a set's folder should hold and whether --download can fetch it, for one-line errors."""
-    folder, layout, _, download = SETS[name]
+    folder, layout, download = SETS[name]
     download = download or "no automatic download (the README's dataset list says where to get it)"
     return f"expected <data-root>/{folder}/ to hold {layout}; {download}"
 
@@ -647,7 +494,7 @@ def check_dataset(name, root, train=False, download=False):
     path = os.path.join(root, SETS[known][0])
     required = (REQUIRED_TRAIN if train else REQUIRED).get(known, ["."])
     missing = [p for p in required if not os.path.exists(os.path.join(path, p))]
-    if missing and not (download and SETS[known][3]):
+    if missing and not (download and SETS[known][2]):
         what = "not found" if not os.path.isdir(path) else f"incomplete (no {', '.join(missing)})"
         raise DataError(f"{known}: {path} {what}; {where(known)}")
     if known in NEEDS:
@@ -697,7 +544,10 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     if len(ds) == 0:
         raise DataError(f"{known}: {path} holds no images; {where(known)}")
     ds.template, names = PROMPTS[prompts or "agft"][known]
-    ds.classnames = names(ds)
+    try:
+        ds.classnames = names(ds)
+    except NamingError as e:
+        raise DataError(str(e)) from None
     ds.resize_to = resolution if known == "tinyimagenet" or (known in SMALL_SETS and resize_small) else None
     check_classes(ds, known, prompts=False)  # the papers' own names: ImageNet's "crane" and "maillot" come twice
     if scan:

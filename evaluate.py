@@ -37,6 +37,7 @@ import clip
 import data
 import harness
 import pictures
+import prompts
 import toy
 from harness import UsageError, fmt_eps
 
@@ -262,7 +263,7 @@ def average(results, over=None):
 
 # The three papers' evaluation protocols: PGD steps and step size (eps 1/255 in all), whether CIFAR-10/100 and
 # STL-10 are resized to the model resolution before the attack, the sets in the order of the paper's table columns,
-# the sets the average covers, and the class names and prompt templates (data.PROMPTS).
+# the sets the average covers, and the class names and prompt templates (prompts.PROMPTS).
 TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101", "oxford_pets", "flowers102", "dtd",
             "eurosat", "fgvc_aircraft", "imagenet", "caltech101", "caltech256", "stanford_cars", "pcam"]
 SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_pets", "flowers102", "dtd", "eurosat",
@@ -620,7 +621,7 @@ def parser():
     add("--download", action="store_true", help="let torchvision download the sets it can")
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
-    add("--prompts", choices=list(data.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
+    add("--prompts", choices=list(prompts.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
         "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
     add("--attack", default="pgd", type=harness.parse_names,
         help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "

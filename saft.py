@@ -26,6 +26,7 @@ import clip
 import data
 import evaluate
 import harness
+import prompts
 import toy
 
 # The paper's main setting: the default of every flag (`python saft.py --help` prints them all), with its source.
@@ -91,7 +92,7 @@ def read_descriptions(path):
 
 
 def normalise(name):
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+    return " ".join(prompts.lower_spaces(name, slash=False).split())  # the TeCoA family's rule, spaces folded
 
 
 def select_descriptions(model, classnames, desc, k):

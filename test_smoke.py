@@ -35,6 +35,7 @@ import evaluate
 import harness
 import pictures
 import pmg_aft
+import prompts
 import saft
 import tecoa
 import tga_zsr
@@ -389,11 +390,11 @@ def test_every_numeric_flag_refuses_out_of_range_nan_and_negative(module, capsys
 def test_help_prints_a_default_for_every_flag(module):
     p = module.get_args.__globals__["harness"].training_parser(module.__doc__)
     module.add_method_args(p)
-    for toy in ([], ["--toy"]):
-        harness.parse_args(p, toy, module.__name__, module.PAPER, module.TOY)
+    for preset in ([], ["--toy"]):
+        harness.parse_args(p, preset, module.__name__, module.PAPER, module.TOY)
         formatter = p._get_formatter()
         for action in p._actions[1:]:  # all but --help
-            assert "(default: " in formatter._get_help_string(action), (toy, action.option_strings)
+            assert "(default: " in formatter._get_help_string(action), (preset, action.option_strings)
     out = subprocess.run([sys.executable, f"{module.__name__}.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True).stdout if module is agft else ""
     assert module is not agft or ("(default: 0.4)" in out and "(default: 180.0)" in out and "(default: 1/255)" in out)
@@ -986,8 +987,8 @@ def test_dtd_test_split_partition_1(tmp_path):
 def test_eurosat_fixed_names(tmp_path):
     for c in data.EUROSAT_FOLDERS:
         write_image(str(tmp_path / "eurosat" / "2750" / c / f"{c}_1.jpg"), w=64, h=64)
-    labels = check(load("eurosat", tmp_path), 10, data.EUROSAT_NAMES, "A centered satellite photo of {}.")
-    assert labels == list(range(10)) and data.EUROSAT_NAMES[2] == "brushland or shrubland"
+    labels = check(load("eurosat", tmp_path), 10, prompts.EUROSAT_NAMES, "A centered satellite photo of {}.")
+    assert labels == list(range(10)) and prompts.EUROSAT_NAMES[2] == "brushland or shrubland"
     os.rename(tmp_path / "eurosat" / "2750" / "SeaLake", tmp_path / "eurosat" / "2750" / "Sea")
     one_line_data_error("class folders", load, "eurosat", tmp_path)
 
@@ -1009,7 +1010,7 @@ def test_flowers102_test_split_without_scipy(tmp_path):
         write_image(str(base / "jpg" / f"image_{i:05d}.jpg"))
     write_mat(str(base / "imagelabels.mat"), {"labels": [1, 102, 5, 77, 1]})
     write_mat(str(base / "setid.mat"), {"trnid": [1], "valid": [5], "tstid": [2, 3, 4]})
-    names = data.flowers_agft()
+    names = prompts.flowers_agft()
     assert len(names) == 102 and names[1] == "hard leaved pocket orchid" and names[59] == "pink yellow dahlia"
     assert names[11] == "colts foot" and names[87] == "cyclamen "  # as AGFT writes them
     assert check(load("flowers102", tmp_path), 3, names, "A photo of a {}, a type of flower.") == [101, 4, 76]
@@ -1050,8 +1051,8 @@ def test_oxford_pets_test_split(tmp_path):
 
 
 def test_pcam_prompts_and_missing_h5py(tmp_path):
-    assert data.SETS["pcam"][2] == "{}"
-    assert data.PCAM_AGFT[1] == "This is a photo of lymph node tumor tissue."
+    assert prompts.PROMPTS["agft"]["pcam"][0] == "{}"
+    assert prompts.PCAM_AGFT[1] == "This is a photo of lymph node tumor tissue."
     base = tmp_path / "pcam"
     for xy in "xy":
         write_lines(str(base / f"camelyonpatch_level_2_split_test_{xy}.h5"), ["not really HDF5"])
@@ -1351,14 +1352,14 @@ def write_eval_sets(root, monkeypatch):
 def test_every_set_has_each_protocols_prompts(tmp_path, monkeypatch, no_checksums):
     write_eval_sets(tmp_path, monkeypatch)
     assert set(PINNED) | {"stanford_cars"} == set(data.ZERO_SHOT_SETS + data.EXTRA_SETS)
-    assert set(data.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in data.PROMPTS.values())
+    assert set(prompts.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in prompts.PROMPTS.values())
     for convention, strings in AGFT_TO_TGA.items():
         for name, (idx, expected) in PINNED.items():
             ds = load(name, tmp_path, prompts=convention)
-            prompts = data.prompts(ds)
-            assert ([prompts[i] for i in idx] if idx else prompts) == expected[strings], (convention, name)
+            texts = data.prompts(ds)
+            assert ([texts[i] for i in idx] if idx else texts) == expected[strings], (convention, name)
             labels = [int(ds[i][1]) for i in range(len(ds))]
-            assert all(0 <= y < len(prompts) for y in labels) and "{}" in ds.template, (convention, name)
+            assert all(0 <= y < len(texts) for y in labels) and "{}" in ds.template, (convention, name)
         # Caltech-101: AGFT's "person" is both face folders (100 classes), the others' are 101 folders
         ds = load("caltech101", tmp_path, prompts=convention)
         labels = [ds[i][1] for i in range(len(ds))]
@@ -1739,8 +1740,8 @@ def test_defaults_are_the_papers():
 
 def test_each_script_trains_with_its_papers_prompts():
     defaults = {tecoa: "tga", pmg_aft: "tga", tga_zsr: "tga", comp_tga: "tga", saft: "saft", agft: "agft"}
-    for module, prompts in defaults.items():
-        assert module.get_args([]).prompts == prompts and module.get_args(["--prompts", "agft"]).prompts == "agft"
+    for module, convention in defaults.items():
+        assert module.get_args([]).prompts == convention and module.get_args(["--prompts", "agft"]).prompts == "agft"
         assert module.get_args(["--toy"]).prompts is None  # the toy world's own prompts
     with pytest.raises(SystemExit):
         tecoa.get_args(["--prompts", "clip"])
