@@ -2163,7 +2163,7 @@ def layouts():
     codebases, with their real key names, holding the image encoder of tiny_clip(seed=1)."""
     src = tiny_clip(seed=1)
     vis = src.visual.state_dict()
-    full = src.state_dict()
+    full = {**text_tower(tiny_clip(seed=0)), **{f"visual.{k}": v for k, v in vis.items()}}  # --model's text tower
     module = {f"module.{k}": v for k, v in vis.items()}
     optimizer = {"state": {}, "param_groups": [{"lr": 1e-5, "params": list(range(len(vis)))}]}
     return {
