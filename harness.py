@@ -373,6 +373,8 @@ def load_model(name, run):
                     log(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on one CPU thread)")
                     model = toy.pretrain(log=log)
                     write_atomically(path, lambda f: torch.save(model.state_dict(), f), "wb")
+        model.provenance = dict(source=f"toy CLIP {path}", activation="OpenAI's", normalisation="OpenAI's")
+        log(f"clip: {clip.describe(model)}")
         return model
 
     if run.world > 1 and not run.is_main:

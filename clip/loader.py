@@ -81,8 +81,9 @@ def describe(model):
     act = {"quick_gelu": "QuickGELU", "gelu": "GELU"}[getattr(model, "activation", "quick_gelu")]
     ls = " with layer scale" if any(k.endswith("ls_1.gamma") for k in v.state_dict()) else ""
     mean, std = (", ".join(f"{x:.4g}" for x in t) for t in (getattr(v, "mean", MEAN), getattr(v, "std", STD)))
-    return (f"{p.get('source', 'a CLIP built in memory')}: {describe_encoder(v.state_dict())[2:]}{ls} at "
-            f"{v.input_resolution} px; activation {act} ({p.get('activation', 'the default')}); normalisation mean "
+    tower = describe_encoder(v.state_dict())[2:]
+    at = "" if tower.endswith("px)") else f" at {v.input_resolution} px"
+    return (f"{p.get('source', 'a CLIP built in memory')}: {tower}{ls}{at}; activation {act} ({p.get('activation', 'the default')}); normalisation mean "
             f"({mean}) std ({std}) ({p.get('normalisation', 'the default')}); text tower width "
             f"{model.transformer.width}, {model.transformer.layers} layers ({p.get('text', 'its own')})")
 
@@ -696,8 +697,8 @@ def load_visual(model, path, model_name, ckpt=None):
                          f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
     model.visual.load_state_dict(sd)
     act = {"quick_gelu": "QuickGELU", "gelu": "GELU"}[getattr(model, "activation", "quick_gelu")]
-    how = (f"trained from --model {model_name}" if name == "nanoZSAR checkpoint" and ckpt.get("model") == model_name
-           else "its keys do not say its activation")
-    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}; run as --model {model_name}'s architecture "
-          f"({act}, {model.visual.input_resolution} px, its normalisation and text tower: {how})", file=sys.stderr)
+    how = ("the model it was trained from" if name == "nanoZSAR checkpoint" and ckpt.get("model") == model_name
+           else "an image encoder's keys do not say its activation")
+    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}; run in --model {model_name}'s architecture: {act}, "
+          f"{model.visual.input_resolution} px, its normalisation and text tower ({how})", file=sys.stderr)
     return ckpt
