@@ -309,6 +309,7 @@ def one_line_error(capsys, main, argv):
     with pytest.raises(SystemExit) as exit_info:
         harness.cli(lambda: main(argv))
     err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("clip: "))  # the model loaded, if any
     assert exit_info.value.code != 0 and "Traceback" not in err
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     return err
