@@ -608,7 +608,8 @@ def parser():
     p = harness.Parser(__doc__)
     add = p.add_argument
     add("--toy", action="store_true", help="toy CLIP and the toy world's held-out tasks at the toy eps")
-    add("--model", help="CLIP name or path (default: the checkpoint's own, else ViT-B/32)")
+    add("--model", help="CLIP name, checkpoint file, or open_clip / transformers model folder (docs/checkpoints.md; "
+                        "default: the checkpoint's own, else ViT-B/32)")
     add("--checkpoint", help="image-encoder checkpoint: ours, or one released with TeCoA / PMG-AFT / TGA-ZSR / SAFT / "
                              "AGFT / FARE (open_clip), see CHECKPOINT_FORMATS")
     add("--protocol", default="agft", choices=list(PROTOCOLS),

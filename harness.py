@@ -374,6 +374,8 @@ def load_model(name, run):
                     log(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on one CPU thread)")
                     model = toy.pretrain(log=log)
                     write_atomically(path, lambda f: torch.save(model.state_dict(), f), "wb")
+        model.provenance = dict(source=f"toy CLIP {path}", activation="OpenAI's", normalisation="OpenAI's")
+        log(f"clip: {clip.describe(model)}")
         return model
 
     if run.world > 1 and not run.is_main:
@@ -422,7 +424,8 @@ def training_parser(doc):
     add = p.add_argument
     add("--toy", action="store_true", help="offline preset: toy CLIP, toy data and eps, a few minutes on a CPU "
                                            "(--toy --help shows its values); a flag given beside it wins")
-    add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, or 'toy'")
+    add("--model", help="CLIP name (see clip.available_models()), a checkpoint path, an open_clip or transformers "
+                        "model folder, or 'toy'")
     add("--train-set", help="imagenet | tinyimagenet | cifar10 | cifar100 | imagefolder | toy")
     add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
     add("--eval-sets", type=parse_names, help="comma-separated zero-shot evaluation sets for the evaluation "

@@ -310,6 +310,7 @@ def one_line_error(capsys, main, argv):
     with pytest.raises(SystemExit) as exit_info:
         harness.cli(lambda: main(argv))
     err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("clip: "))  # the model loaded, if any
     assert exit_info.value.code != 0 and "Traceback" not in err
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     return err
@@ -2164,7 +2165,7 @@ def layouts():
     codebases, with their real key names, holding the image encoder of tiny_clip(seed=1)."""
     src = tiny_clip(seed=1)
     vis = src.visual.state_dict()
-    full = src.state_dict()
+    full = {**text_tower(tiny_clip(seed=0)), **{f"visual.{k}": v for k, v in vis.items()}}  # --model's text tower
     module = {f"module.{k}": v for k, v in vis.items()}
     optimizer = {"state": {}, "param_groups": [{"lr": 1e-5, "params": list(range(len(vis)))}]}
     return {
@@ -2513,3 +2514,212 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     assert all(f"\n{line}\n" in readme for line in ci)
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     assert readme.index(ci[0]) < readme.index(ci[1])
+
+
+# ----------------------------------------------------------------------------- released robust CLIPs: open_clip, transformers, safetensors
+
+LAION_MEAN, LAION_STD = (0.5, 0.45, 0.4), (0.25, 0.3, 0.2)  # not OpenAI's, so a wrong normalisation shows
+
+
+def towers(activation="gelu", layer_scale=False, seed=1):
+    """A tiny CLIP with 64-wide heads (open_clip's and transformers' shape), random layer scales if any."""
+    model = tiny_clip(seed, transformer_width=64, activation=activation, vision_layer_scale=layer_scale,
+                      text_layer_scale=layer_scale, mean=LAION_MEAN, std=LAION_STD)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_safetensors(tensors, path):
+    """The .safetensors format, written with torch alone: u64 header length, JSON header, raw little-endian buffer."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, at = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in tensors.items():
+        raw = v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def open_clip_folder(folder, model, quick_gelu=False, safetensors=True, **vision):
+    os.makedirs(folder, exist_ok=True)
+    ls = {"ls_init_value": 1e-5} if model.visual.transformer.resblocks[0].ls_1.__class__.__name__ == "LayerScale" else {}
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, **ls, **vision},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1, **ls}}
+    if quick_gelu:
+        cfg["quick_gelu"] = True
+    with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": LAION_MEAN, "std": LAION_STD}}, f)
+    sd = model.state_dict()
+    if safetensors:
+        save_safetensors(sd, os.path.join(folder, "open_clip_model.safetensors"))
+    else:
+        torch.save(sd, os.path.join(folder, "open_clip_pytorch_model.bin"))
+    return str(folder)
+
+
+def hf_state_dict(model):
+    """Our CLIP's weights under transformers CLIPModel's key names (the inverse of what clip.load converts)."""
+    names = [("conv1.weight", "embeddings.patch_embedding.weight"), ("class_embedding", "embeddings.class_embedding"),
+             ("ln_pre.", "pre_layrnorm."), ("ln_post.", "post_layernorm."), ("ln_final.", "final_layer_norm."),
+             ("token_embedding.", "embeddings.token_embedding."), ("transformer.resblocks.", "encoder.layers."),
+             ("attn.out_proj.", "self_attn.out_proj."), ("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."),
+             ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]
+    out = {"visual_projection.weight": model.visual.proj.t(), "text_projection.weight": model.text_projection.t(),
+           "logit_scale": model.logit_scale, "text_model.embeddings.position_ids": torch.arange(16)[None]}
+    for k, v in model.state_dict().items():
+        if k in ("visual.proj", "text_projection", "logit_scale"):
+            continue
+        tower = "vision_model." if k.startswith("visual.") else "text_model."
+        rest = k.removeprefix("visual.")
+        rest = {"positional_embedding": "embeddings.position_embedding.weight"}.get(rest, rest)
+        for ours, hf in names:
+            rest = rest.replace(ours, hf)
+        if ".attn.in_proj_" in rest:
+            block, kind = rest.split(".attn.in_proj_")
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"{tower}{block}.self_attn.{name}_proj.{kind}"] = part
+        else:
+            out[tower + rest] = v
+    return out
+
+
+def hf_folder(folder, model, act="gelu", preprocessor=True, **text):
+    os.makedirs(folder, exist_ok=True)
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 32,
+              "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1,
+                              "num_attention_heads": 1, "max_position_embeddings": 16, "hidden_act": act, **text},
+              "vision_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                                "num_attention_heads": 1, "image_size": 32, "patch_size": 8, "hidden_act": act}}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    if preprocessor:
+        with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+            json.dump({"image_processor_type": "CLIPImageProcessor", "image_mean": LAION_MEAN, "image_std": LAION_STD}, f)
+    save_safetensors(hf_state_dict(model), os.path.join(folder, "model.safetensors"))
+    return str(folder)
+
+
+def assert_same_features(loaded, reference):
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    tokens = clip.tokenize(["a photo of a dog", "a red thing"], reference.context_length)
+    with torch.no_grad():
+        resized = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
+        mean, std = (torch.tensor(t).view(1, 3, 1, 1) for t in (LAION_MEAN, LAION_STD))
+        want_image, want_text = reference.visual((resized - mean) / std), reference.encode_text(tokens)
+        torch.testing.assert_close(clip.ImageEncoder(loaded.visual)(images), want_image, rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded.encode_text(tokens), want_text, rtol=0, atol=1e-5)
+        other = dict(activation="quick_gelu" if reference.activation == "gelu" else "gelu")
+        twin = clip.build_model(reference.state_dict(), **other)  # the same weights, the other activation
+        assert not torch.allclose(twin.encode_text(tokens), want_text, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("act,ls,fmt", [("gelu", False, "safetensors"), ("gelu", True, "bin"),
+                                        ("quick_gelu", True, "safetensors"), ("quick_gelu", False, "bin")])
+def test_open_clip_folders_build_as_their_config_says(act, ls, fmt, tmp_path, capsys):
+    reference = towers(act, ls)
+    folder = open_clip_folder(tmp_path / "hub", reference, quick_gelu=act == "quick_gelu", safetensors=fmt == "safetensors")
+    weights = "open_clip_pytorch_model.bin" if fmt == "bin" else "open_clip_model.safetensors"
+    for path in (folder, os.path.join(folder, weights)):
+        loaded = clip.load(path)
+        assert_same_features(loaded, reference)
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("clip: ") and f"activation {'QuickGELU' if act == 'quick_gelu' else 'GELU'}" in line
+        assert "preprocess_cfg" in line and ("layer scale" in line) == ls
+    assert clip.vision_kind(folder) == "vit"
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_transformers_folders_convert_to_openai_names(act, tmp_path, capsys):
+    reference = towers(act)
+    loaded = clip.load(hf_folder(tmp_path / "hf", reference, act))
+    assert_same_features(loaded, reference)
+    torch.testing.assert_close(loaded.logit_scale, reference.logit_scale)
+    assert "hidden_act " + act in capsys.readouterr().err
+    plain = clip.load(hf_folder(tmp_path / "plain", reference, act, preprocessor=False))  # no preprocessor config
+    assert plain.visual.mean == clip.model.MEAN and "CLIPImageProcessor" in capsys.readouterr().err
+    assert clip.vision_kind(str(tmp_path / "hf")) == "vit"
+
+
+def test_safetensors_reader(tmp_path):
+    tensors = {"f32": torch.randn(2, 3), "f16": torch.randn(5).half(), "bf16": torch.randn(3).bfloat16(),
+               "i64": torch.arange(7), "empty": torch.zeros(0, 4)}
+    save_safetensors(tensors, tmp_path / "t.safetensors")
+    got = clip.read_safetensors(str(tmp_path / "t.safetensors"))
+    assert set(got) == set(tensors) and all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in tensors.items())
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "f8.safetensors").write_bytes(raw.replace(b'"F32"', b'"F8E"'))
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-9])
+    for name, words in [("f8", "dtype F8E, which is not read"), ("cut", "truncated or broken")]:
+        with pytest.raises(clip.CLIPError, match=words) as e:
+            clip.read_safetensors(str(tmp_path / f"{name}.safetensors"))
+        assert "\n" not in str(e.value)
+
+
+def test_checkpoint_layouts_say_which_architecture_they_run_as(tmp_path, capsys):
+    laion = clip.load(open_clip_folder(tmp_path / "laion", towers("gelu", True, seed=2)))
+    vis = towers("gelu", True, seed=3).visual.state_dict()  # a bare image encoder, layer scales unfolded
+    torch.save(vis, tmp_path / "fare.pt")
+    clip.load_visual(laion, str(tmp_path / "fare.pt"), str(tmp_path / "laion"))
+    assert all(torch.equal(laion.visual.state_dict()[k], v) for k, v in vis.items())
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "image-encoder state dict" in line and "GELU" in line and "do not say its activation" in line
+    save_safetensors({f"visual.{k}": v for k, v in vis.items()}, tmp_path / "visual.safetensors")
+    clip.load_visual(laion, str(tmp_path / "visual.safetensors"), "laion")  # a .safetensors checkpoint
+
+
+def test_ambiguous_and_foreign_models_are_refused_in_one_line(tmp_path):
+    ref = towers()
+    hub = open_clip_folder(tmp_path / "hub", ref)
+    cases = []
+
+    def case(name, words, make, load=clip.load):
+        folder = tmp_path / name
+        os.makedirs(folder)
+        cases.append((load, make(folder), words))
+
+    case("bin_alone", "without its config", lambda d: (torch.save(ref.state_dict(), d / "open_clip_pytorch_model.bin"),
+                                                       str(d / "open_clip_pytorch_model.bin"))[1])
+    case("st_alone", "without its config", lambda d: (save_safetensors(ref.state_dict(), d / "w.safetensors"),
+                                                      str(d / "w.safetensors"))[1])
+    case("hf_alone", "no config.json beside it", lambda d: (save_safetensors(hf_state_dict(ref), d / "m.safetensors"),
+                                                            str(d / "m.safetensors"))[1])
+    case("convnext", r"a timm tower \(convnext_base\)",
+         lambda d: open_clip_folder(d, ref, timm_model_name="convnext_base"))
+    case("vit_h", "head_width 80", lambda d: open_clip_folder(d, ref, head_width=80))
+    case("attn_pool", "field 'attn_pooler_x'", lambda d: open_clip_folder(d, ref, attn_pooler_x=1))
+    case("wrong_size", r"image size 64 \(weights: 32\)", lambda d: open_clip_folder(d, ref, image_size=64))
+    case("gelu_new", "hidden_act 'gelu_new'", lambda d: hf_folder(d, ref, "gelu_new"))
+    case("mixed_act", "hidden_act differ", lambda d: hf_folder(d, ref, "gelu", hidden_act="quick_gelu"))
+    case("vocab", "not OpenAI's tokenizer", lambda d: hf_folder(d, ref, vocab_size=32000))
+    case("siglip", "'siglip' model", lambda d: (hf_folder(d, ref), json.dump(
+        {"model_type": "siglip", "architectures": ["SiglipModel"]}, open(d / "config.json", "w")))[0])
+    case("empty", "neither an open_clip hub folder", lambda d: str(d))
+    case("trunk", "lacks visual.conv1.weight", lambda d: (torch.save(
+        {**text_tower(ref), "visual.trunk.stem.0.weight": torch.zeros(1)}, d / "open_clip_pytorch_model.bin"),
+        (d / "open_clip_config.json").write_text(open(os.path.join(hub, "open_clip_config.json")).read()), str(d))[2])
+    model = tiny_clip(transformer_width=64)
+    vis_only = lambda p: clip.load_visual(model, p, "tiny")  # noqa: E731
+    case("other_text", "text tower is not --model tiny's.*pass it as --model", lambda d: (
+        torch.save(ref.state_dict(), d / "full.pt"), str(d / "full.pt"))[1], vis_only)
+    case("folder_ckpt", "pass it as --model", lambda d: hub, vis_only)
+    case("hf_ckpt", "transformers CLIPModel", lambda d: (save_safetensors(hf_state_dict(ref), d / "m.safetensors"),
+                                                         str(d / "m.safetensors"))[1], vis_only)
+    for load, path, words in cases:
+        with pytest.raises(clip.CLIPError, match=words) as e:
+            load(path)
+        assert "\n" not in str(e.value), path
+
+
+def test_evaluate_runs_a_transformers_folder_with_its_normalisation(tiny_folder, tmp_path, capsys):
+    folder = hf_folder(tmp_path / "hf", towers())
+    evaluate.main(["--model", folder, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+                   "--workers", "0", "--attack", "none", "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "transformers CLIPModel" in err and "activation GELU" in err and "mean (0.5, 0.45, 0.4)" in err

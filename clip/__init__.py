@@ -1,7 +1,8 @@
-"""A small CLIP: OpenAI's architecture and checkpoints (model.py, tokenizer.py, loader.py), and the checkpoints of
-fine-tuned image encoders that robust-CLIP codebases release (loader.py).
+"""A small CLIP: OpenAI's architecture and checkpoints (model.py, tokenizer.py, loader.py), the open_clip and
+transformers models of that architecture (GELU or QuickGELU, layer scale, their own normalisation), and the checkpoints
+of fine-tuned image encoders that robust-CLIP codebases release (loader.py).
 
-    model = clip.load("ViT-B/32")                       # eval mode, fp32
+    model = clip.load("ViT-B/32")                       # eval mode, fp32; or an open_clip / transformers folder
     text = clip.encode_text(model, ["a photo of a dog"])  # [C, D], L2-normalised
     classify = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), text)  # [0,1] images -> logits
     clip.load_visual(model, "ckpt.pt", "ViT-B/32")      # a fine-tuned image encoder into model.visual
@@ -9,12 +10,13 @@ fine-tuned image encoders that robust-CLIP codebases release (loader.py).
 import torch
 import torch.nn.functional as F
 
-from .loader import CLIPError, available_models, checkpoint_encoder, load, load_visual, read_checkpoint, vision_kind
+from .loader import (CLIPError, available_models, checkpoint_encoder, describe, load, load_visual, read_checkpoint,
+                     read_safetensors, vision_kind)
 from .model import CLIP, ImageEncoder, ZeroShotClassifier, build_model, cosine_logits
 from .tokenizer import tokenize
 
-__all__ = ["available_models", "load", "vision_kind", "read_checkpoint", "checkpoint_encoder", "load_visual",
-           "tokenize", "encode_text", "CLIPError", "CLIP", "build_model", "ImageEncoder", "ZeroShotClassifier",
+__all__ = ["available_models", "load", "describe", "read_safetensors", "vision_kind", "read_checkpoint",
+           "checkpoint_encoder", "load_visual", "tokenize", "encode_text", "CLIPError", "CLIP", "build_model", "ImageEncoder", "ZeroShotClassifier",
            "cosine_logits"]
 
 

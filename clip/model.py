@@ -21,6 +21,20 @@ class QuickGELU(nn.Module):
         return F.silu(1.702 * x) / 1.702
 
 
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}  # OpenAI's towers use QuickGELU; most open_clip/LAION ones GELU
+
+
+class LayerScale(nn.Module):
+    """open_clip's per-channel scale of a residual branch (ls_1 / ls_2, parameter gamma)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
 
@@ -39,31 +53,35 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads, causal=False):
+    def __init__(self, width, heads, causal=False, activation="quick_gelu", layer_scale=False):
         super().__init__()
         self.causal = causal
         self.attn = Attention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+        act = ACTIVATIONS[activation]()
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=act, c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = nn.LayerNorm(width)
+        self.ls_1, self.ls_2 = (LayerScale(width) if layer_scale else nn.Identity() for _ in range(2))
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x), self.causal)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.ls_1(self.attn(self.ln_1(x), self.causal))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads, causal=False):
+    def __init__(self, width, layers, heads, causal=False, activation="quick_gelu", layer_scale=False):
         super().__init__()
         self.width, self.layers = width, layers
-        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, causal, activation, layer_scale)
+                                         for _ in range(layers)])
 
     def forward(self, x):  # [B, N, D], batch first
         return self.resblocks(x)
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, activation="quick_gelu",
+                 layer_scale=False):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
@@ -71,7 +89,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation=activation, layer_scale=layer_scale)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -176,16 +194,24 @@ class ModifiedResNet(nn.Module):
 
 
 class CLIP(nn.Module):
+    """OpenAI's CLIP. The defaults are OpenAI's; `activation` ("quick_gelu" or "gelu", both towers' MLPs),
+    `vision_layer_scale` / `text_layer_scale` (open_clip's ls_1/ls_2) and `mean`/`std` (the image normalisation,
+    kept as visual.mean/visual.std for ImageEncoder) describe the open_clip and transformers models clip.load reads."""
+
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
+                 activation="quick_gelu", vision_layer_scale=False, text_layer_scale=False, mean=MEAN, std=STD):
         super().__init__()
         self.context_length = context_length
+        self.activation = activation
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
         else:
             self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                            max(1, vision_width // 64), embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+                                            max(1, vision_width // 64), embed_dim, activation, vision_layer_scale)
+        self.visual.mean, self.visual.std = tuple(mean), tuple(std)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True,
+                                       activation=activation, layer_scale=text_layer_scale)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
@@ -238,9 +264,10 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_model(state_dict):
-    """Build a CLIP whose shapes are read off `state_dict` (any OpenAI ViT or ResNet), and load it."""
-    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+def build_model(state_dict, **options):
+    """Build a CLIP whose shapes are read off `state_dict` (any OpenAI ViT or ResNet; layer scales from its ls_1/ls_2
+    keys), and load it. `options` are CLIP's that shapes cannot tell (activation, mean, std); OpenAI's by default."""
+    sd = {k: v for k, v in state_dict.items() if k not in ("input_resolution", "context_length", "vocab_size", "attn_mask")}
     if "visual.proj" in sd:  # ViT
         vision_width = sd["visual.conv1.weight"].shape[0]
         vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
@@ -258,13 +285,15 @@ def build_model(state_dict):
         vision_width=vision_width, vision_patch_size=vision_patch_size, context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=transformer_width,
         transformer_heads=max(1, transformer_width // 64),
-        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
+        transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+        vision_layer_scale=any(k.startswith("visual.") and k.endswith(".ls_1.gamma") for k in sd),
+        text_layer_scale=any(k.startswith("transformer.") and k.endswith(".ls_1.gamma") for k in sd), **options)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model.eval()
 
 
 class ImageEncoder(nn.Module):
-    """Pixel-space image encoder: images in [0,1] at any size -> bicubic resize -> CLIP normalisation -> visual.
+    """Pixel-space image encoder: images in [0,1] at any size -> bicubic resize -> the model's normalisation -> visual.
 
     Attacks perturb the [0,1] input of this module, so resizing and normalisation sit after the perturbation.
     Returns unnormalised features [B,D], or with all_tokens=True all output tokens [B,1+P,D] (ViT only).
@@ -273,8 +302,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, visual):
         super().__init__()
         self.visual = visual
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = getattr(visual, "mean", MEAN), getattr(visual, "std", STD)  # the model's own (clip.load sets them)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images, all_tokens=False):
         r = self.visual.input_resolution
