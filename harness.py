@@ -391,10 +391,10 @@ def load_model(name, run):
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
 TOY_WORLD = dict(model="toy", train_set=toy.TRAIN, eval_sets=",".join(toy.HELDOUT + [toy.TRAIN]),
                  epochs=1, batch_size=64, warmup_steps=20, eps=toy.EPS, step_size=toy.EPS,
-                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None)
+                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None, eval_eps=toy.EPS)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
 RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
-            "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "save_attention"}
+            "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "eval_eps", "save_attention"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -430,6 +430,8 @@ def training_parser(doc):
         "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
         "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
+    add("--eval-eps", type=parse_eps, help="L-inf radius of the evaluation at the end, whatever --eps trains at "
+                                           "(every paper's protocol: 1/255; the toy world's: 16/255)")
     add("--epochs", type=POSITIVE, help="passes over the training set")
     add("--max-steps", type=POSITIVE, help="stop after this many steps instead (overrides --epochs)")
     add("--batch-size", type=POSITIVE, help="global batch size (split across processes under torchrun; "
@@ -464,7 +466,8 @@ def parse_args(p, argv, method, paper, toy):
     pre.add_argument("--toy", action="store_true")
     toy_run = pre.parse_known_args(argv)[0].toy
     preset = {**paper, **TOY_WORLD, **toy} if toy_run else dict(paper, eval_sets=",".join(data.ZERO_SHOT_SETS),
-                                                                eval_baseline=False, eval_every=0, workers=8)
+                                                                eval_baseline=False, eval_every=0, workers=8,
+                                                                eval_eps=1 / 255)
     preset["out_dir"] = os.path.join("runs", method + ("-toy" if toy_run else ""))
     actions = [a for a in p._actions if a.default is not argparse.SUPPRESS]  # all but --help
     p.set_defaults(**{k: v for k, v in preset.items() if k in {a.dest for a in actions}})

@@ -2512,3 +2512,19 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     assert all(f"\n{line}\n" in readme for line in ci)
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     assert readme.index(ci[0]) < readme.index(ci[1])
+
+
+# ----------------------------------------------------------------------------- evaluation eps apart from training eps
+
+
+def test_final_evaluation_attacks_at_the_protocols_eps_whatever_the_training_eps(tiny_ckpt, tiny_folder, tmp_path):
+    assert tecoa.get_args(["--eps", "0"]).eval_eps == 1 / 255 and tecoa.get_args([]).eval_eps == 1 / 255
+    assert tecoa.get_args(["--toy", "--eps", "0"]).eval_eps == toy.EPS  # the toy world keeps its own budget
+    assert agft.get_args(["--eps", "0", "--eval-eps", "4/255"]).eval_eps == pytest.approx(4 / 255)
+    assert evaluate.parser().parse_args(["--eval-eps", "2/255"]).eps == pytest.approx(2 / 255)  # evaluate.py's --eps
+    for name, extra, eps in [("clean", ["--eps", "0", "--attack-steps", "0"], 1 / 255),
+                             ("explicit", ["--eps", "0", "--eval-eps", "4/255"], 4 / 255)]:
+        tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / name, "--no-eval-baseline", *extra))
+        res = json.load(open(tmp_path / name / "results.json"))
+        assert res["attack"]["eps"] == pytest.approx(eps) and res["attack"]["step_size"] == pytest.approx(1 / 255)
+        assert res["results"]["imagefolder"]["perturbed"] > 0 and res["checks"]["passed"]
