@@ -504,10 +504,11 @@ def final_evaluation(encoder, model, args, run):
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
     baseline = baseline_seconds = f0 = None
     if args.eval_baseline or getattr(args, "save_attention", 0):
-        f0 = clip.ImageEncoder(harness.load_model(args.model, run).visual).to(run.device)
+        pretrained = harness.load_model(args.model, run)  # the cache key's weights: not `model`, trained in place
+        f0 = clip.ImageEncoder(pretrained.visual).to(run.device)
     if args.eval_baseline:
         t0 = time.time()
-        baseline = baseline_results(model, sets, cfg, args, run, lambda: evaluate(
+        baseline = baseline_results(pretrained, sets, cfg, args, run, lambda: evaluate(
             f0, model, sets, attack, run, args.batch_size, args.workers, attack0))
         baseline_seconds = time.time() - t0  # ~0 when cached: the first run with these settings pays it
     run.log("evaluating the fine-tuned encoder")

@@ -436,7 +436,9 @@ def training_parser(doc):
     add("--max-steps", type=POSITIVE, help="stop after this many steps instead (overrides --epochs)")
     add("--batch-size", type=POSITIVE, help="global batch size (split across processes under torchrun; "
                                                      "must divide by their number)")
-    add("--lr", type=POSITIVE_REAL, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
+    add("--lr", type=POSITIVE_REAL, help="peak learning rate")
+    add("--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD with momentum 0.9, or AdamW")
+    add("--weight-decay", type=NON_NEGATIVE, default=0.0, help="the optimizer's weight decay")
     add("--warmup-steps", type=COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
     add("--eps", type=parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
     add("--step-size", type=parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
@@ -596,6 +598,13 @@ def lr_at(step, total, warmup, lr):
     if step < warmup:
         return lr * (step + 1) / warmup
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def make_optimizer(params, args):
+    """The paper's optimizer: SGD with momentum 0.9 (every script but FARE's), or AdamW with torch's betas."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
 def set_lr(opt, step, total, args):
