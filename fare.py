@@ -6,8 +6,9 @@ embeddings), x_adv = PGD maximising the same distance. The zero-shot heads of an
 f0's embedding space is kept; the training set's labels are read but never used.
 
     python fare.py --toy                                    # offline toy world on a CPU, a few minutes
-    python fare.py --data-root /data                        # the paper: ViT-B/32, ImageNet-1k, eps 1/255, 20,000 steps
+    python fare.py --data-root /data                        # the authors' command, ViT-B/32, ImageNet-1k, eps 1/255
     python fare.py --data-root /data --eps 4/255            # FARE^4 (the authors' other ViT-B/32 release)
+    python fare.py --data-root /data --model ViT-L/14 --eps 2/255   # the paper's main model, FARE^2
     torchrun --standalone --nproc_per_node 8 fare.py --data-root /data
 """
 import copy
@@ -23,7 +24,8 @@ import harness
 
 # The paper's main setting: the default of every flag (`python fare.py --help` prints them all), with its source.
 # Optimizer AdamW with torch's default betas; lr: linear warm-up, then cosine decay to 0 at the last step (official
-# README command: --opt adamw, 20,000 steps, warm-up 1400). No data augmentation.
+# README command: --opt adamw, 20,000 steps, warm-up 1400). No data augmentation. The paper's main models are
+# ViT-L/14 at eps 2/255 and 4/255; the default here is its ViT-B/32 release at the seed papers' eps 1/255.
 PAPER = dict(
     model="ViT-B/32",       # the authors' ViT-B/32 FARE^1 release (official README, "Additional Models")
     train_set="imagenet",   # ImageNet-1k: official README command

@@ -2632,3 +2632,10 @@ def test_tecoa_clip_loss_is_the_symmetric_contrastive_loss_over_the_batchs_class
     a = tecoa.get_args(["--loss", "clip", "--eps", "0", "--attack-steps", "0"])  # FT-Clean: no attack, eval at 1/255
     assert (a.eps, a.attack_steps, a.eval_eps) == (0, 0, 1 / 255)
     assert torch.equal(tecoa.train_attack(encoder, x, y, m, a), x)
+
+
+def test_ft_clean_trains_two_steps_and_is_evaluated_under_attack(tiny_ckpt, tiny_folder, tmp_path):
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path, "--no-eval-baseline", "--loss", "clip", "--eps", "0",
+                          "--attack-steps", "0"))
+    assert "clip " in open(tmp_path / "log.txt").read().split("step 2/2")[1]
+    assert json.load(open(tmp_path / "results.json"))["attack"]["eps"] == pytest.approx(1 / 255)
