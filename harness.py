@@ -1,4 +1,4 @@
-"""The run harness of the six training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
+"""The run harness of the seven training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
 eps), the run (processes, device, precision, progress lines), files (locks, atomic writes, the cache), loading the
 model (the toy CLIP from its cache), the checks before the run; and for training: the flags' defaults, the output
 folder, the learning-rate schedule, the training log and its curves, checkpoints, the pre-trained encoder's cached
@@ -387,7 +387,7 @@ def load_model(name, run):
 
 # ----------------------------------------------------------------------------- training: the flags' defaults
 
-# The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
+# The toy world's preset (--toy), shared by the seven scripts; each script's TOY adds its own (lr, max_steps, ...).
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
 TOY_WORLD = dict(model="toy", train_set=toy.TRAIN, eval_sets=",".join(toy.HELDOUT + [toy.TRAIN]),
                  epochs=1, batch_size=64, warmup_steps=20, eps=toy.EPS, step_size=toy.EPS,
