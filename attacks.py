@@ -106,17 +106,21 @@ def say_once(msg):
 # ----------------------------------------------------------------------------- white box: PGD, C&W, FGSM
 
 
-def pgd(model, x, y, eps, alpha, steps, loss_fn=cross_entropy, targeted=False, rand_init=True):
+def pgd(model, x, y, eps, alpha, steps, loss_fn=cross_entropy, targeted=False, rand_init=True, momentum=0.0):
     """Projected gradient descent (Madry et al., 2018): sign-gradient steps of size alpha, last iterate returned.
 
-    Untargeted ascends loss_fn(model(x_adv), y); targeted (y = target classes) descends it.
+    Untargeted ascends loss_fn(model(x_adv), y); targeted (y = target classes) descends it. With momentum m, each
+    step goes along v = sign(m v + sign(grad)), the velocity renormalised every step as FARE's training attack does
+    (RobustVLM's train/pgd_train.py); for m < 1 that is sign(grad) wherever grad != 0, and m = 0 is plain PGD.
     """
     x = x.detach()
     x_adv = random_start(x, eps) if rand_init else x.clone()
     sign = -1.0 if targeted else 1.0
+    v = torch.zeros_like(x)
     for _ in range(steps):
         grad = input_grad(model, loss_fn, x_adv, y)
-        x_adv = project(x_adv + sign * alpha * grad.sign(), x, eps)
+        v = (momentum * v + grad.sign()).sign()
+        x_adv = project(x_adv + sign * alpha * v, x, eps)
     return x_adv.detach()
 
 

@@ -5,7 +5,7 @@
     python bench.py --model ViT-B/32 --batch-size 256                    # CUDA, bf16 autocast
     python bench.py --model ViT-B/32 --batch-size 256 --compile --method agft
 
-Each step is exactly the loop body of the training scripts (targets, attack, loss, backward, SGD step). Warm-up
+Each step is exactly the loop body of the training scripts (targets, attack, loss, backward, optimizer step). Warm-up
 steps are not timed. Passes count image-encoder passes over the batch (fine-tuned and frozen): the training
 attack's, and all others (per-batch targets and the loss), which the AGFT paper's Table 10 counts.
 """
@@ -23,7 +23,7 @@ import clip
 import harness
 import toy
 
-METHODS = ["tecoa", "pmg_aft", "tga_zsr", "comp_tga", "saft", "agft"]
+METHODS = ["tecoa", "pmg_aft", "tga_zsr", "comp_tga", "saft", "agft", "fare"]
 # OpenAI's architectures (embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 # context_length, vocab_size, transformer_width, transformer_heads, transformer_layers), built with random weights
 CONFIGS = {
@@ -107,7 +107,7 @@ def bench_method(method, args, run):
     m = mod.setup_method(model, train_set, encoder, margs, run)
     counter = PassCounter(args.batch_size, model.visual, *([m.f0.visual] if hasattr(m, "f0") else []))
     f = torch.compile(encoder) if args.compile else encoder
-    opt = torch.optim.SGD(encoder.parameters(), lr=1e-6, momentum=0.9)
+    opt = harness.make_optimizer(encoder.parameters(), margs)  # the script's own: SGD, or AdamW for FARE
     r = model.visual.input_resolution
     x = torch.rand(args.batch_size, 3, r, r, device=run.device)
     y = torch.randint(args.classes, (args.batch_size,), device=run.device)
@@ -169,7 +169,7 @@ def parser():
     """bench.py's flags; every number has a range, checked (one line) when parsed."""
     p = harness.Parser(__doc__)
     p.add_argument("--model", default="ViT-B/32", choices=["toy", *CONFIGS], help=f"toy | {' | '.join(CONFIGS)}")
-    p.add_argument("--method", choices=METHODS, help="one method (default: all six)")
+    p.add_argument("--method", choices=METHODS, help="one method (default: all seven)")
     p.add_argument("--batch-size", type=harness.POSITIVE, default=128)
     p.add_argument("--classes", type=harness.Range(int, 2), default=100, help="classes of the synthetic training set")
     p.add_argument("--steps", type=harness.POSITIVE, default=5, help="timed steps")

@@ -493,21 +493,23 @@ def baseline_results(model, sets, cfg, args, run, evaluate_f0):
 
 
 def final_evaluation(encoder, model, args, run):
-    """End of training: PGD-20 (step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after,
-    with the training run's prompt convention (--prompts) and `model`'s text tower (training leaves it as loaded).
-    The pre-trained encoder, for the rows before and the attention pictures, is loaded again."""
-    step = args.eps / 4 if args.toy else 1 / 255
-    cfg = {"name": "pgd", "eps": args.eps, "step_size": min(step, args.eps), "steps": 20}
+    """End of training: PGD-20 at --eval-eps (the protocol's, not the training eps: a clean run, --eps 0, is still
+    attacked; step 1/255, or eps/4 in the toy world) on the evaluation sets, before and after, with the training
+    run's prompt convention (--prompts) and `model`'s text tower (training leaves it as loaded). The pre-trained
+    encoder, for the rows before and the attention pictures, is loaded again."""
+    eps = args.eval_eps
+    cfg = {"name": "pgd", "eps": eps, "step_size": min(eps / 4 if args.toy else 1 / 255, eps), "steps": 20}
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
     prompts = getattr(args, "prompts", None)
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
     baseline = baseline_seconds = f0 = None
     if args.eval_baseline or getattr(args, "save_attention", 0):
-        f0 = clip.ImageEncoder(harness.load_model(args.model, run).visual).to(run.device)
+        pretrained = harness.load_model(args.model, run)  # the cache key's weights: not `model`, trained in place
+        f0 = clip.ImageEncoder(pretrained.visual).to(run.device)
     if args.eval_baseline:
         t0 = time.time()
-        baseline = baseline_results(model, sets, cfg, args, run, lambda: evaluate(
+        baseline = baseline_results(pretrained, sets, cfg, args, run, lambda: evaluate(
             f0, model, sets, attack, run, args.batch_size, args.workers, attack0))
         baseline_seconds = time.time() - t0  # ~0 when cached: the first run with these settings pays it
     run.log("evaluating the fine-tuned encoder")
@@ -630,7 +632,8 @@ def parser():
     add("--aa", default="seed", choices=["seed", "standard"],
         help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + FAB-T + Square")
     add("--apgd-steps", type=harness.POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
-    add("--eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255; 16/255 with --toy)")
+    add("--eps", "--eval-eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255, "
+        "every protocol's; 16/255 with --toy)")
     add("--step-size", type=harness.parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
     add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")

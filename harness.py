@@ -1,4 +1,4 @@
-"""The run harness of the six training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
+"""The run harness of the seven training scripts, evaluate.py and bench.py: errors and flags (one-line errors, ranges,
 eps), the run (processes, device, precision, progress lines), files (locks, atomic writes, the cache), loading the
 model (the toy CLIP from its cache), the checks before the run; and for training: the flags' defaults, the output
 folder, the learning-rate schedule, the training log and its curves, checkpoints, the pre-trained encoder's cached
@@ -390,14 +390,14 @@ def load_model(name, run):
 
 # ----------------------------------------------------------------------------- training: the flags' defaults
 
-# The toy world's preset (--toy), shared by the six scripts; each script's TOY adds its own (lr, max_steps, ...).
+# The toy world's preset (--toy), shared by the seven scripts; each script's TOY adds its own (lr, max_steps, ...).
 # The toy step size is half the toy eps; like the papers' step = eps, it follows --eps when only --eps is given.
 TOY_WORLD = dict(model="toy", train_set=toy.TRAIN, eval_sets=",".join(toy.HELDOUT + [toy.TRAIN]),
                  epochs=1, batch_size=64, warmup_steps=20, eps=toy.EPS, step_size=toy.EPS,
-                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None)
+                 attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None, eval_eps=toy.EPS)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
 RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
-            "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "save_attention"}
+            "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "eval_eps", "save_attention"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -434,11 +434,15 @@ def training_parser(doc):
         "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
         "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")
+    add("--eval-eps", type=parse_eps, help="L-inf radius of the evaluation at the end, whatever --eps trains at "
+                                           "(every paper's protocol: 1/255; the toy world's: 16/255)")
     add("--epochs", type=POSITIVE, help="passes over the training set")
     add("--max-steps", type=POSITIVE, help="stop after this many steps instead (overrides --epochs)")
     add("--batch-size", type=POSITIVE, help="global batch size (split across processes under torchrun; "
                                                      "must divide by their number)")
-    add("--lr", type=POSITIVE_REAL, help="peak learning rate of SGD (momentum 0.9, no weight decay)")
+    add("--lr", type=POSITIVE_REAL, help="peak learning rate")
+    add("--optimizer", choices=["sgd", "adamw"], default="sgd", help="SGD with momentum 0.9, or AdamW")
+    add("--weight-decay", type=NON_NEGATIVE, default=0.0, help="the optimizer's weight decay")
     add("--warmup-steps", type=COUNT, help="linear warm-up steps, then cosine decay to 0 at the last step")
     add("--eps", type=parse_eps, help="L-inf radius of the training attack, in [0, 1], e.g. 1/255")
     add("--step-size", type=parse_eps, help="training attack step size, in [0, 1]; left out, it follows "
@@ -468,7 +472,8 @@ def parse_args(p, argv, method, paper, toy):
     pre.add_argument("--toy", action="store_true")
     toy_run = pre.parse_known_args(argv)[0].toy
     preset = {**paper, **TOY_WORLD, **toy} if toy_run else dict(paper, eval_sets=",".join(data.ZERO_SHOT_SETS),
-                                                                eval_baseline=False, eval_every=0, workers=8)
+                                                                eval_baseline=False, eval_every=0, workers=8,
+                                                                eval_eps=1 / 255)
     preset["out_dir"] = os.path.join("runs", method + ("-toy" if toy_run else ""))
     actions = [a for a in p._actions if a.default is not argparse.SUPPRESS]  # all but --help
     p.set_defaults(**{k: v for k, v in preset.items() if k in {a.dest for a in actions}})
@@ -597,6 +602,13 @@ def lr_at(step, total, warmup, lr):
     if step < warmup:
         return lr * (step + 1) / warmup
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def make_optimizer(params, args):
+    """The paper's optimizer: SGD with momentum 0.9 (every script but FARE's), or AdamW with torch's betas."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
 def set_lr(opt, step, total, args):

@@ -32,6 +32,7 @@ PAPER = dict(
     eps=1 / 255,            # paper; official README command (the code's default 2/255 is not the paper's)
     step_size=1 / 255,      # official README command (step = eps)
     attack_steps=2,         # official README command (the code's default 5 is not the paper's)
+    loss="ce",              # paper (--loss clip: the TGA-ZSR tables' FT-Clean and FT-Adv. rows)
 )
 TOY = dict(lr=5e-5, max_steps=200)  # --toy: these and the toy world's preset (harness.TOY_WORLD)
 SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
@@ -41,7 +42,8 @@ SCALE = 100.0  # CLIP's logit scale exp(logit_scale), fixed
 
 
 def add_method_args(p):
-    pass  # TeCoA has no hyper-parameters of its own
+    p.add_argument("--loss", choices=["ce", "clip"], help="ce: TeCoA's; clip: CLIP's own contrastive loss over the "
+                   "batch's class texts, the loss of the TGA-ZSR tables' FT-Clean (with --eps 0) and FT-Adv. rows")
 
 
 def setup_method(model, train_set, encoder, args, run):
@@ -61,8 +63,17 @@ def train_attack(f, x, targets, fixed, args):
 
 
 def loss_fn(f, x, x_adv, targets, fixed, args):
-    """TeCoA's loss (AGFT paper Eq. 4-5): CE(s * cos(f(x_adv), T), y). Returns the loss and its terms."""
+    """TeCoA's loss (AGFT paper Eq. 4-5): CE(s * cos(f(x_adv), T), y). Returns the loss and its terms.
+
+    --loss clip: CLIP's symmetric contrastive loss instead, over the B x B logits s * cos(f(x_adv)_i, T[y_j]) (image
+    i against the class text of image j; as the TGA-ZSR authors' FT.py, a class twice in the batch is its own
+    negative; under torchrun, over each process's share of the batch): (CE over texts + CE over images) / 2.
+    """
     y = targets
+    if args.loss == "clip":
+        z, i = clip.cosine_logits(f(x_adv), fixed.text[y], SCALE), torch.arange(len(y), device=y.device)
+        loss = (F.cross_entropy(z, i) + F.cross_entropy(z.t(), i)) / 2
+        return loss, {"clip": loss.detach()}
     loss = F.cross_entropy(clip.cosine_logits(f(x_adv), fixed.text, SCALE), y)
     return loss, {"ce": loss.detach()}
 
@@ -88,7 +99,7 @@ def main(argv=None):
     sampler = data.EpochSampler(len(train_set), args.batch_size, run.rank, run.world, args.seed)
     loader = data.make_loader(train_set, args.batch_size // run.world, sampler, args.workers, run.device.type == "cuda")
     total = args.max_steps or args.epochs * sampler.steps_per_epoch
-    opt = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=0.9, weight_decay=0)
+    opt = harness.make_optimizer(encoder.parameters(), args)  # the paper's: PAPER's optimizer, lr, weight decay
     scaler = torch.amp.GradScaler(enabled=run.dtype == torch.float16)  # loss scaling for fp16 only
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
     step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored

@@ -32,6 +32,7 @@ import clip.loader
 import comp_tga
 import data
 import evaluate
+import fare
 import harness
 import pictures
 import pmg_aft
@@ -297,7 +298,8 @@ def test_bench_counts_each_methods_passes_and_writes_nothing(tmp_path, monkeypat
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "method" not in r}
     after = {m: r[4] for m, r in rows.items()}  # AGFT Table 10's forward/backward passes besides the attack
-    assert after == {"tecoa": "1/1", "pmg_aft": "3/2", "tga_zsr": "3/2", "comp_tga": "3/2", "saft": "3/2", "agft": "2/1"}
+    assert after == {"tecoa": "1/1", "pmg_aft": "3/2", "tga_zsr": "3/2", "comp_tga": "3/2", "saft": "3/2", "agft": "2/1",
+                     "fare": "2/1"}
     assert all(r[3] == "2/2" for r in rows.values())  # PGD-2
     assert os.listdir(tmp_path) == []
 
@@ -364,7 +366,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_fo
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
 
 
-SCRIPTS = [tecoa, pmg_aft, tga_zsr, comp_tga, saft, agft]
+SCRIPTS = [tecoa, pmg_aft, tga_zsr, comp_tga, saft, agft, fare]
 
 
 def script_parser(module):
@@ -1711,7 +1713,7 @@ def test_loss_is_plain_ce_when_f_is_f0_and_x_adv_is_x(module):
     loss, terms = module.loss_fn(enc, x, x, t, m, args)
     assert terms["refine"] == 0 and terms["constrain"] == 0 and torch.equal(loss.detach(), terms["ce"])
     heads = m.heads if module is saft else m.text[None]
-    ce = sum(tecoa.loss_fn(enc, x, x, y, SimpleNamespace(text=w), args)[0] for w in heads) / len(heads)
+    ce = sum(tecoa.loss_fn(enc, x, x, y, SimpleNamespace(text=w), tecoa.get_args([]))[0] for w in heads) / len(heads)
     assert torch.allclose(loss, ce, atol=1e-5)
 
 
@@ -2304,8 +2306,9 @@ def test_every_number_flag_has_a_range_refused_in_one_line(capsys):
                 with pytest.raises(SystemExit) as e:
                     p.parse_args([f"{flag}={value}"])
                 err = capsys.readouterr().err.strip()
-                assert e.value.code != 0 and err.startswith(f"error: argument {flag}") and len(err.splitlines()) == 1, \
-                    (name, flag, value, err)
+                names = err.split(":")[1].split()[-1].split("/")  # "error: argument --eps/--eval-eps: ..."
+                assert e.value.code != 0 and err.startswith("error: argument ") and flag in names, (name, value, err)
+                assert len(err.splitlines()) == 1, (name, flag, value, err)
         for argv, words in [(["--device", "gpu"], "unknown device"), (["--device", "cuda:x"], "unknown device")]:
             with pytest.raises(SystemExit):
                 p.parse_args(argv)
@@ -2723,3 +2726,127 @@ def test_evaluate_runs_a_transformers_folder_with_its_normalisation(tiny_folder,
                    "--workers", "0", "--attack", "none", "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "transformers CLIPModel" in err and "activation GELU" in err and "mean (0.5, 0.45, 0.4)" in err
+
+
+# ----------------------------------------------------------------------------- evaluation eps apart from training eps
+
+
+def test_final_evaluation_attacks_at_the_protocols_eps_whatever_the_training_eps(tiny_ckpt, tiny_folder, tmp_path):
+    assert tecoa.get_args(["--eps", "0"]).eval_eps == 1 / 255 and tecoa.get_args([]).eval_eps == 1 / 255
+    assert tecoa.get_args(["--toy", "--eps", "0"]).eval_eps == toy.EPS  # the toy world keeps its own budget
+    assert agft.get_args(["--eps", "0", "--eval-eps", "4/255"]).eval_eps == pytest.approx(4 / 255)
+    assert evaluate.parser().parse_args(["--eval-eps", "2/255"]).eps == pytest.approx(2 / 255)  # evaluate.py's --eps
+    for name, extra, eps in [("clean", ["--eps", "0", "--attack-steps", "0"], 1 / 255),
+                             ("explicit", ["--eps", "0", "--eval-eps", "4/255"], 4 / 255)]:
+        tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / name, "--no-eval-baseline", *extra))
+        res = json.load(open(tmp_path / name / "results.json"))
+        assert res["attack"]["eps"] == pytest.approx(eps) and res["attack"]["step_size"] == pytest.approx(1 / 255)
+        assert res["results"]["imagefolder"]["perturbed"] > 0 and res["checks"]["passed"]
+
+
+# ----------------------------------------------------------------------------- FARE
+
+
+def test_fare_loss_is_the_squared_embedding_distance_to_f0_on_the_clean_image():
+    encoder, m, args, x, y = setup(fare)
+    assert not m.f0.training and all(not p.requires_grad for p in m.f0.parameters())
+    with torch.no_grad():
+        for p in encoder.parameters():  # f moves away from f0
+            p.add_(0.02 * torch.randn_like(p))
+        target = fare.training_targets(x, y, m, args)
+    assert torch.equal(target, m.f0(x)) and target.shape == (6, 32)  # unnormalised, from f0 on the clean x
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    loss, terms = fare.loss_fn(encoder, x, x_adv, target, m, args)
+    ref = ((encoder(x_adv) - m.f0(x)) ** 2).sum(1).mean()  # summed over the dimension, averaged over the batch
+    assert torch.allclose(loss, ref, atol=1e-5) and set(terms) == {"l2_adv"} and loss > 1e-3
+    loss.backward()
+    assert all(p.grad is not None for p in encoder.parameters()) and all(p.grad is None for p in m.f0.parameters())
+    args.clean_weight = 0.25
+    loss, terms = fare.loss_fn(encoder, x, x_adv, target, m, args)
+    clean = ((encoder(x) - m.f0(x)) ** 2).sum(1).mean()
+    assert torch.allclose(loss, 0.75 * ref + 0.25 * clean, atol=1e-5) and torch.allclose(terms["l2_clean"], clean)
+    args.clean_weight = 0.0
+    assert fare.loss_fn(m.f0, x, x, target, m, args)[0].abs() < 1e-8  # f = f0 on the clean image: nothing to learn
+
+
+def test_fare_attack_raises_the_embedding_loss_within_the_ball():
+    encoder, m, args, x, y = setup(fare, "--eps", "8/255", "--step-size", "2/255", "--attack-steps", "3")
+    assert args.attack_momentum == 0.9
+    with torch.no_grad():
+        target = fare.training_targets(x, y, m, args)
+    x_adv = fare.train_attack(encoder, x, target, m, args)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        before, after = (fare.loss_fn(encoder, x, z, target, m, args)[0] for z in (x, x_adv))
+    assert before < 1e-8 and after > 1e-3  # f = f0 here: 0 on the clean image, raised by the attack
+    assert all(q.grad is None for q in encoder.parameters())
+
+
+def test_pgd_momentum_renormalises_the_velocity():
+    """v = sign(m v + sign(g)): plain PGD at m = 0; for m < 1 the step is sign(g) wherever g != 0 (FARE's attack)."""
+    model = clip.ZeroShotClassifier(clip.ImageEncoder(tiny_clip().visual), F.normalize(torch.randn(5, 32), dim=-1))
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    runs = []
+    for momentum in (None, 0.0, 0.9):
+        torch.manual_seed(0)
+        kw = {} if momentum is None else {"momentum": momentum}
+        runs.append(attacks.pgd(model, x, y, 8 / 255, 1 / 255, 3, **kw))
+    torch.manual_seed(0)
+    x_adv = attacks.random_start(x, 8 / 255)
+    for _ in range(3):  # the plain sign steps, written out
+        x_adv = attacks.project(x_adv + 1 / 255 * attacks.input_grad(model, attacks.cross_entropy, x_adv, y).sign(),
+                                x, 8 / 255)
+    assert all(torch.equal(r, x_adv) for r in runs)
+
+
+def test_fare_defaults_are_the_official_command_and_the_optimizer_is_the_papers():
+    a = fare.get_args([])
+    assert (a.optimizer, a.lr, a.weight_decay, a.batch_size, a.max_steps, a.warmup_steps) == ("adamw", 1e-5, 1e-4,
+                                                                                              128, 20000, 1400)
+    assert (a.eps, a.step_size, a.attack_steps, a.attack_momentum, a.clean_weight) == (1 / 255, 1 / 255, 10, 0.9, 0.0)
+    assert a.train_set == "imagenet" and a.eval_eps == 1 / 255
+    opt = harness.make_optimizer(nn.Linear(2, 2).parameters(), a)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 1e-4
+    for module in [m for m in SCRIPTS if m is not fare]:  # the six others: SGD, momentum 0.9, no weight decay
+        opt = harness.make_optimizer(nn.Linear(2, 2).parameters(), module.get_args([]))
+        assert isinstance(opt, torch.optim.SGD) and (opt.defaults["momentum"], opt.defaults["weight_decay"]) == (0.9, 0)
+    t = fare.get_args(["--toy"])
+    assert (t.optimizer, t.lr, t.max_steps, t.eps, t.eval_eps) == ("adamw", fare.TOY["lr"], 200, toy.EPS, toy.EPS)
+
+
+def test_fare_two_steps_then_evaluate_and_the_skeleton_is_tecoas(tiny_ckpt, tiny_folder, tmp_path):
+    fare.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--no-eval-baseline"))
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["method"] == "fare" and "exp_avg_sq" in str(ckpt["optimizer"]["state"])
+    start = tiny_clip().visual.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in ckpt["visual"].items())  # it trained
+    assert json.load(open(tmp_path / "run" / "results.json"))["results"]["imagefolder"]["n"] == 18
+    assert "l2_adv " in open(tmp_path / "run" / "log.txt").read().split("step 2/2")[1]
+    skeleton = [open(os.path.join(ROOT, f)).read().split("# " + "-" * 77 + " the shared skeleton")[1]
+                for f in ("tecoa.py", "fare.py")]
+    assert skeleton[0].replace('"tecoa"', '"fare"') == skeleton[1]
+
+
+# ----------------------------------------------------------------------------- FT-Clean and FT-Adv.: tecoa --loss clip
+
+
+def test_tecoa_clip_loss_is_the_symmetric_contrastive_loss_over_the_batchs_class_texts():
+    encoder, m, args, x, y = setup(tecoa, "--loss", "clip")
+    assert tecoa.get_args([]).loss == "ce"
+    x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    loss, terms = tecoa.loss_fn(encoder, x, x_adv, y, m, args)
+    out = 100 * cos(encoder, x_adv, m.text)  # [B, C]; y has class 0 twice: it is its own negative, as in FT.py
+    i = torch.arange(len(y))
+    ref = (F.cross_entropy(out[:, y], i) + F.cross_entropy(out.t()[y, :], i)) / 2
+    assert torch.allclose(loss, ref, atol=1e-5) and set(terms) == {"clip"}
+    assert not torch.allclose(loss, F.cross_entropy(out, y), atol=1e-3)  # not TeCoA's CE over all classes
+    a = tecoa.get_args(["--loss", "clip", "--eps", "0", "--attack-steps", "0"])  # FT-Clean: no attack, eval at 1/255
+    assert (a.eps, a.attack_steps, a.eval_eps) == (0, 0, 1 / 255)
+    assert torch.equal(tecoa.train_attack(encoder, x, y, m, a), x)
+
+
+def test_ft_clean_trains_two_steps_and_is_evaluated_under_attack(tiny_ckpt, tiny_folder, tmp_path):
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, tmp_path, "--no-eval-baseline", "--loss", "clip", "--eps", "0",
+                          "--attack-steps", "0"))
+    assert "clip " in open(tmp_path / "log.txt").read().split("step 2/2")[1]
+    assert json.load(open(tmp_path / "results.json"))["attack"]["eps"] == pytest.approx(1 / 255)

@@ -1,6 +1,6 @@
 """The README's toy table: every method's default `--toy` run and each method's ablation, over three seeds.
 
-    python toy_table.py                               # the whole table: 11 runs x 3 seeds, two at a time
+    python toy_table.py                               # the whole table: 13 runs x 3 seeds, two at a time
     python toy_table.py --seeds 0 --runs tecoa,agft   # a subset
     python toy_table.py --jobs 1                      # one run at a time (each on one CPU thread)
     python toy_table.py --out-dir runs/toy-table      # where the runs go (default); finished runs are reused
@@ -24,18 +24,20 @@ import time
 
 import toy
 
-RUNS = {  # name -> (script, extra flags): the six methods' defaults, then the ablations
+RUNS = {  # name -> (script, extra flags): the seven methods' defaults, then the ablations
     "tecoa": ("tecoa.py", []),
     "pmg_aft": ("pmg_aft.py", []),
     "tga_zsr": ("tga_zsr.py", []),
     "comp_tga": ("comp_tga.py", []),
     "saft": ("saft.py", []),
     "agft": ("agft.py", []),
+    "fare": ("fare.py", []),
     "agft_uncalibrated": ("agft.py", ["--gamma", "1", "--inv-tau", "100"]),
     "pmg_aft_no_kl": ("pmg_aft.py", ["--alpha", "0", "--beta", "0"]),
     "tga_zsr_no_maps": ("tga_zsr.py", ["--alpha", "0", "--beta", "0"]),
     "tga_zsr_comp_weights": ("tga_zsr.py", ["--alpha", "0.7", "--beta", "0.7"]),  # Comp-TGA's weights, TGA-ZSR's map
     "saft_k1": ("saft.py", ["--k", "1"]),
+    "fare_clean_weight": ("fare.py", ["--clean-weight", "0.5"]),  # half the loss on the clean image
 }
 TASKS = toy.HELDOUT + [toy.TRAIN]
 
