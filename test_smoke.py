@@ -1352,7 +1352,8 @@ def write_eval_sets(root, monkeypatch):
 def test_every_set_has_each_protocols_prompts(tmp_path, monkeypatch, no_checksums):
     write_eval_sets(tmp_path, monkeypatch)
     assert set(PINNED) | {"stanford_cars"} == set(data.ZERO_SHOT_SETS + data.EXTRA_SETS)
-    assert set(prompts.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in prompts.PROMPTS.values())
+    assert set(prompts.PROMPTS) == set(AGFT_TO_TGA) | prompts.ENSEMBLES
+    assert all(set(p) == set(data.SETS) for p in prompts.PROMPTS.values())
     for convention, strings in AGFT_TO_TGA.items():
         for name, (idx, expected) in PINNED.items():
             ds = load(name, tmp_path, prompts=convention)
@@ -2513,3 +2514,142 @@ def test_readme_install_and_test_commands_are_what_ci_runs():
     assert all(f"\n{line}\n" in readme for line in ci)
     assert "--index-url https://download.pytorch.org/whl/cpu" in readme
     assert readme.index(ci[0]) < readme.index(ci[1])
+
+
+# ----------------------------------------------------------------------------- published numbers beside ours
+# published.py's cells double-checked by eye against the papers' tables, the tables' own consistency, which row
+# matches which run, the rows printed; the template ensembles and the RobustVLM protocol.
+from published import PUBLISHED, SCRIPT_ROWS, paper_row, row_names  # noqa: E402
+import published  # noqa: E402
+
+PUB_SETS = {"caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102", "food101",
+        "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397", "tinyimagenet"}
+PUB_ZERO_SHOT = PUB_SETS - {"tinyimagenet"}
+
+# (protocol, row, clean/robust, set, value as printed)
+PUB_CELLS = [
+    ("agft", "AGFT", "robust", "cifar10", 71.72),           # AGFT Table 1
+    ("agft", "TGA-ZSR", "robust", "imagenet", 52.80),       # AGFT Table 1
+    ("agft", "CLIP", "robust", "fgvc_aircraft", 0.00),      # AGFT Table 1: printed 0.00, so present
+    ("agft", "CLIP", "clean", "pcam", 58.26),               # AGFT Table 2
+    ("agft", "GLADIATOR", "clean", "average", 60.34),       # AGFT Table 2
+    ("agft", "PMG-AFT", "clean", "food101", 70.03),         # AGFT Table 2
+    ("tga", "Comp-TGA", "robust", "tinyimagenet", 69.22),   # Table I
+    ("tga", "Comp-TGA", "robust", "average", 44.46),        # Table I
+    ("tga", "LAAT", "robust", "pcam", 37.47),               # Table I
+    ("tga", "TeCoA", "clean", "imagenet", 37.09),           # Table II
+    ("tga", "FARE", "clean", "average", 59.85),             # Table II
+    ("tga", "TGA-ZSR", "clean", "sun397", 51.99),           # Table II
+    ("saft", "SAFT-L", "robust", "average", 35.35),         # SAFT Table 1
+    ("saft", "TGA-ZSR", "robust", "tinyimagenet", 47.87),   # SAFT Table 1
+    ("saft", "CLIP", "robust", "caltech101", 14.95),        # SAFT Table 1
+    ("saft", "SAFT-M", "clean", "eurosat", 29.56),          # SAFT Table 1
+    ("saft", "FARE", "clean", "average", 58.68),            # SAFT Table 1 (printed "58.68*")
+    ("saft", "PMG-AFT", "clean", "imagenet", 23.72),        # SAFT Table 1
+]
+
+# Rows whose printed average is not the mean of their printed cells (within rounding), with the reason.
+PUB_MISMATCHES = {
+    ("tga", "TGA-ZSR", "clean"): "printed 56.44, mean of the 16 cells 56.38; the same cells and 56.44 recur in the "
+                                 "paper's later tables",
+    ("saft", "TeCoA", "clean"): "printed 43.08, mean of the 15 zero-shot cells 42.55",
+    ("saft", "CLIP", "robust"): "the FGVC-Aircraft cell is absent (14 of 15 cells)",
+}
+
+
+def pub_mean_mismatches():
+    out = {}
+    for protocol, entry in PUBLISHED.items():
+        for row, kinds in entry["rows"].items():
+            for kind, cells in kinds.items():
+                if "average" not in cells:
+                    continue
+                values = [cells[s] for s in entry["average_over"] if s in cells]
+                mean = sum(values) / len(values)
+                # each cell and the average are rounded to 2 decimals: they can differ by 0.01 at most
+                if len(values) != len(entry["average_over"]) or abs(mean - cells["average"]) > 0.0101:
+                    out[(protocol, row, kind)] = (round(mean, 2), cells["average"])
+    return out
+
+
+@pytest.mark.parametrize("protocol,row,kind,name,value", PUB_CELLS)
+def test_cells_as_printed(protocol, row, kind, name, value):
+    assert paper_row(protocol, row)[kind][name] == value
+
+
+def test_protocols_and_rows():
+    assert set(PUBLISHED) == {"agft", "tga", "saft"}
+    assert row_names("agft") == ["CLIP", "TeCoA", "PMG-AFT", "TGA-ZSR", "GLADIATOR", "AGFT"]
+    assert row_names("tga") == ["CLIP", "FT-Clean", "FT-Adv.", "TeCoA", "FARE", "LAAT", "PMG-AFT", "TGA-ZSR",
+                                "Comp-TGA"]
+    assert row_names("saft") == ["CLIP", "TeCoA", "FARE", "PMG-AFT", "TGA-ZSR", "SAFT-L", "SAFT-M"]
+    for protocol, scripts in SCRIPT_ROWS.items():
+        for script, row in scripts.items():
+            assert row in PUBLISHED[protocol]["rows"], (protocol, script, row)
+
+
+def test_entries_say_their_source():
+    for entry in PUBLISHED.values():
+        assert entry["model"] == "ViT-B/32" and entry["eps"] == 1 / 255
+        assert set(entry["tables"]) == {"clean", "robust"}
+        assert all(t in entry["source"] for t in entry["tables"].values())
+        assert set(entry["average_over"]) <= PUB_SETS
+
+
+def test_sets_and_values():
+    for protocol, entry in PUBLISHED.items():
+        for row, kinds in entry["rows"].items():
+            assert set(kinds) == {"clean", "robust"}, (protocol, row)
+            for kind, cells in kinds.items():
+                assert set(cells) <= PUB_SETS | {"average"}, (protocol, row, kind)
+                for name, v in cells.items():
+                    assert type(v) is float and 0.0 <= v <= 100.0, (protocol, row, kind, name, v)
+
+
+def test_unreported_sets_are_absent():
+    for row in row_names("agft"):  # AGFT's tables have no TinyImageNet column
+        for cells in paper_row("agft", row).values():
+            assert set(cells) == PUB_ZERO_SHOT | {"average"}
+    for protocol in ("tga", "saft"):
+        for row in row_names(protocol):
+            for kind, cells in paper_row(protocol, row).items():
+                if (protocol, row) != ("saft", "CLIP"):
+                    assert set(cells) == PUB_SETS | {"average"}, (protocol, row, kind)
+    clip = paper_row("saft", "CLIP")  # two cells missing from SAFT Table 1 as transcribed
+    assert set(clip["robust"]) == (PUB_SETS - {"fgvc_aircraft"}) | {"average"}
+    assert set(clip["clean"]) == PUB_SETS
+
+
+def test_averages_are_the_mean_of_the_sets():
+    assert pub_mean_mismatches().keys() == PUB_MISMATCHES.keys(), pub_mean_mismatches()
+    assert set(PUBLISHED["agft"]["average_over"]) == PUB_ZERO_SHOT
+    assert set(PUBLISHED["tga"]["average_over"]) == PUB_SETS
+    assert set(PUBLISHED["saft"]["average_over"]) == PUB_ZERO_SHOT
+
+
+def test_saft_clip_robust_average_with_the_missing_cell():
+    # SAFT's "CLIP" is CLIP fine-tuned on clean TinyImageNet: the FT-Clean row of the TGA tables, with 0.03 on FGVC
+    cells = paper_row("saft", "CLIP")["robust"]
+    cells["fgvc_aircraft"] = paper_row("tga", "FT-Clean")["robust"]["fgvc_aircraft"]
+    mean = sum(cells[s] for s in PUBLISHED["saft"]["average_over"]) / 15
+    assert abs(mean - cells["average"]) <= 0.0101
+
+
+def test_rows_quoted_across_papers():
+    # SAFT Table 1 quotes FARE and FT-Clean ("CLIP") from the TGA tables; only the averages (15 vs 16 sets) differ
+    for saft_row, tga_row in (("FARE", "FARE"), ("CLIP", "FT-Clean")):
+        for kind in ("clean", "robust"):
+            s, t = paper_row("saft", saft_row)[kind], paper_row("tga", tga_row)[kind]
+            assert all(s[k] == t[k] for k in s if k != "average"), (saft_row, kind)
+
+
+def test_lookup_errors():
+    with pytest.raises(KeyError, match="known rows: CLIP, TeCoA"):
+        paper_row("agft", "Comp-TGA")
+    with pytest.raises(KeyError, match="known: agft, tga, saft"):
+        paper_row("nope", "CLIP")
+    with pytest.raises(KeyError):
+        row_names("nope")
+    row = paper_row("tga", "TeCoA")
+    row["clean"]["cifar10"] = -1.0  # a copy: the table is unchanged
+    assert paper_row("tga", "TeCoA")["clean"]["cifar10"] == 66.14
