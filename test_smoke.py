@@ -2653,3 +2653,129 @@ def test_lookup_errors():
     row = paper_row("tga", "TeCoA")
     row["clean"]["cifar10"] = -1.0  # a copy: the table is unchanged
     assert paper_row("tga", "TeCoA")["clean"]["cifar10"] == 66.14
+
+
+AGFT_RUN = dict(model="ViT-B/32", attack="pgd", steps=20, step_size=1 / 255, eps=1 / 255, resize_before_attack=False)
+TGA_RUN = {**AGFT_RUN, "steps": 100, "resize_before_attack": True}
+
+
+def ours(method, **args):
+    return {"method": method, "args": {"model": "ViT-B/32", "train_set": "imagenet", "eps": 1 / 255, "prompts": "agft",
+                                       **args}}
+
+
+def test_which_paper_row_matches_which_run():
+    match = published.match
+    assert match("agft", AGFT_RUN) == ("CLIP", None) and match("tga", TGA_RUN) == ("CLIP", None)  # OpenAI's weights
+    assert "CLIP fine-tuned on clean data" in match("saft", TGA_RUN)[1]  # SAFT's "CLIP" row is not OpenAI's weights
+    assert match("agft", AGFT_RUN, ours("agft")) == ("AGFT", None)
+    assert match("agft", AGFT_RUN, ours("tecoa")) == ("TeCoA", None)
+    tga = dict(train_set="tinyimagenet", prompts="tga")
+    assert match("tga", TGA_RUN, ours("comp_tga", **tga)) == ("Comp-TGA", None)
+    assert match("saft", TGA_RUN, ours("tga_zsr", **tga)) == ("TGA-ZSR", None)  # the TinyImageNet run, SAFT's table
+    assert match("saft", TGA_RUN, ours("saft", train_set="tinyimagenet", prompts="saft")) == ("SAFT-L", None)
+    assert match("agft", AGFT_RUN, {}, row="TeCoA") == ("TeCoA", None)  # --paper-row: anyone's checkpoint
+    why = {  # one line each, saying which setting differs
+        "eps 2/255 differs from AGFT Table 1's eps 1/255": match("agft", {**AGFT_RUN, "eps": 2 / 255}),
+        "100 attack steps differs from AGFT Table 1's 20": match("agft", {**AGFT_RUN, "steps": 100}),
+        "CIFAR/STL resized before the attack differs": match("agft", {**AGFT_RUN, "resize_before_attack": True}),
+        "model ViT-L/14 differs": match("agft", {**AGFT_RUN, "model": "ViT-L/14"}, row="CLIP"),
+        "attack autoattack differs": match("tga", {**TGA_RUN, "attack": "autoattack"}),
+        "trained with eps 2/255, unlike AGFT Table 1's eps 1/255": match("agft", AGFT_RUN, ours("agft", eps=2 / 255)),
+        "trained with train set tinyimagenet": match("agft", AGFT_RUN, ours("tecoa", train_set="tinyimagenet")),
+        "trained with prompts tga, unlike AGFT Table 1's agft": match("agft", AGFT_RUN, ours("tecoa", prompts="tga")),
+        "no row for a checkpoint of comp_tga": match("agft", AGFT_RUN, ours("comp_tga")),
+        "no row for a checkpoint of another codebase; --paper-row NAME": match("agft", AGFT_RUN, {}),
+        "do not name the sets": match("robustvlm", AGFT_RUN),
+    }
+    for text, (row, line) in why.items():
+        assert row is None and line.startswith("no paper row: ") and text in line and "\n" not in line, (text, line)
+
+
+def test_training_runs_final_evaluation_finds_its_table():
+    final = dict(AGFT_RUN)  # PGD-20 at native resolution: AGFT's Table 1 setting
+    assert published.training_comparison(final, ours("pmg_aft"))["row"] == "PMG-AFT"
+    tga = published.training_comparison(final, ours("tga_zsr", train_set="tinyimagenet", prompts="tga"))
+    assert tga["row"] is None and "20 attack steps differs from TGA-ZSR/Comp-TGA Table I's 100" in tga["why"]
+    assert published.training_comparison(final, ours("bench")) is None  # no table has the method: no line
+
+
+def test_paper_rows_printed_beside_ours_blank_where_unreported(tmp_path):
+    paper = published.comparison("agft", AGFT_RUN)
+    assert paper["row"] == "CLIP" and paper["source"].startswith("AGFT") and paper["clean"]["pcam"] == 58.26
+    res = {"pcam": {"clean": 60.0, "robust": 1.0, "n": 10, "perturbed": 10, "raised": 0},
+           "tinyimagenet": {"clean": 50.0, "robust": 5.0, "n": 10, "perturbed": 10, "raised": 0}}
+    logs = []
+    run = SimpleNamespace(log=logs.append, is_main=True, out_dir=str(tmp_path))
+    cfg = {"name": "pgd", "eps": 1 / 255, "step_size": 1 / 255, "steps": 20}
+    out = evaluate.report(run, "ViT-B/32", cfg, res, names=list(res), paper=paper)
+    lines = {line.split("  ")[0]: line for line in logs[0].splitlines()}
+    assert lines["paper clean"].split()[2:] == ["58.26"]  # TinyImageNet and the average: blank, not 0
+    assert lines["ours - paper clean"].split()[4:] == ["1.74"] and lines["ours - paper robust"].split()[4:] == ["0.87"]
+    assert len(lines["paper clean"]) == len(lines["model clean"]) and lines["paper clean"].endswith(" " * 16)
+    assert logs[1] == f"paper: {paper['source']}, row CLIP"
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["paper"] == out["paper"] == json.loads(json.dumps(paper)) and "tinyimagenet" not in saved["paper"]["clean"]
+    full = {n: {**res["pcam"], "clean": paper["clean"][n] + 1} for n in data.ZERO_SHOT_SETS}  # the table's 15 sets
+    assert "1.00" in evaluate.table({"model": full}, paper=paper).splitlines()[3].split()[-1]  # the average's difference
+    logs.clear()
+    why = published.comparison("agft", {**AGFT_RUN, "eps": 2 / 255})
+    evaluate.report(run, "ViT-B/32", cfg, res, names=list(res), paper=why)
+    assert "paper" not in logs[0] and logs[1] == "no paper row: eps 2/255 differs from AGFT Table 1's eps 1/255"
+    assert json.load(open(tmp_path / "results.json"))["paper"] == {"protocol": "agft", "row": None, "why": logs[1]}
+
+
+def test_evaluate_compares_our_checkpoint_with_its_row(tiny_folder, tmp_path, monkeypatch, capsys):
+    model = tiny_clip()
+    torch.save({"visual": model.visual.state_dict(), "model": "ViT-B/32", **ours("tecoa")}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(harness, "load_model", lambda name, run: tiny_clip())  # the name is ViT-B/32, the weights tiny
+    monkeypatch.setattr(clip.loader, "check_encoder_fits", lambda *a: None)
+    argv = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--datasets", "imagefolder", "--data-root", tiny_folder,
+            "--device", "cpu", "--workers", "0", "--max-per-dataset", "2", "--out-dir", str(tmp_path / "eval")]
+    evaluate.main(argv)
+    res = json.load(open(tmp_path / "eval" / "results.json"))
+    assert res["paper"]["row"] == "TeCoA" and res["paper"]["robust"]["cifar10"] == 59.85 and "imagefolder" not in res["paper"]["clean"]
+    assert "paper robust" in capsys.readouterr().out
+    err = one_line_error(capsys, evaluate.main, argv + ["--paper-row", "FARE"])  # FARE is a row of the TGA tables
+    assert "--paper-row FARE: no such row for --protocol agft (rows: CLIP, TeCoA, PMG-AFT" in err
+
+
+def test_ensemble_text_head_is_the_mean_of_normalised_features_renormalised():
+    model = tiny_clip()
+    names, templates = ["red", "green", "blue"], ("a photo of a {}.", "a drawing of the {}.", "itap of my {}.")
+    head = evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates))
+    per = torch.stack([clip.encode_text(model, [t.format(c) for c in names]) for t in templates])  # each normalised
+    mean = per.mean(0)
+    assert torch.allclose(head, mean / mean.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(head.norm(dim=-1), torch.ones(3)) and not torch.allclose(head, per[0], atol=1e-3)
+    one = evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates[:1]))
+    assert torch.allclose(one, evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates[0])))
+
+
+def test_openai_templates_per_set(tmp_path, no_checksums):
+    openai = prompts.PROMPTS["openai"]
+    assert len(openai["imagenet"][0]) == 80 and openai["imagenet"][0][0] == "a bad photo of a {}."  # the notebook's
+    assert len(openai["cifar10"][0]) == 18 and openai["cifar100"][0] == openai["cifar10"][0]
+    assert {n: len(openai[n][0]) for n in ("caltech101", "dtd", "stanford_cars", "eurosat", "fgvc_aircraft", "sun397",
+                                           "pcam", "country211")} == {"caltech101": 34, "dtd": 8, "stanford_cars": 8,
+        "eurosat": 3, "fgvc_aircraft": 2, "sun397": 2, "pcam": 1, "country211": 5}
+    assert all(openai[n][0] is openai["imagenet"][0] for n in ("caltech256", "tinyimagenet", "imagenet-r"))
+    assert all(all("{}" in t for t in templates) for templates, _ in openai.values())
+    write_cifar(tmp_path)
+    ds = load("cifar10", tmp_path, prompts="openai")
+    assert ds.template == openai["cifar10"][0] and ds.classnames == load("cifar10", tmp_path, prompts="tga").classnames
+    with pytest.raises(SystemExit):  # the training losses take one template per class
+        tecoa.get_args(["--prompts", "openai"])
+
+
+def test_robustvlm_protocol(monkeypatch):
+    p = evaluate.PROTOCOLS["robustvlm"]
+    assert (p["attack"], p["aa"], p["eps"], p["max_per_dataset"], p["prompts"]) == ("autoattack", "robustvlm", 2 / 255,
+                                                                                    1000, "openai")
+    assert len(p["datasets"]) == 13 and "imagenet" not in p["datasets"] and not p["resize_before_attack"]
+    calls = []
+    monkeypatch.setattr(attacks, "apgd", lambda m, x, y, eps, steps, loss, restarts=1, n_targets=9:
+                        calls.append((loss, steps, restarts, n_targets)) or x)
+    model, x, y = fixed_classifier()
+    evaluate.make_attack("autoattack", 2 / 255, 0, 0, 100, "robustvlm")(model, x, y)
+    assert calls == [("ce", 100, 5, 9), ("dlr-targeted", 100, 1, 9)]  # APGD-CE x5, then APGD-T on what is left
