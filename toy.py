@@ -260,8 +260,8 @@ def cache_path():
 
 
 def threads():
-    """One CPU thread for the toy world unless OMP_NUM_THREADS is set: on a 2-core machine two threads are about 1.8x
-    faster when nothing else runs, and several times slower as soon as anything else does."""
+    """One CPU thread for the toy world unless OMP_NUM_THREADS is set: on a small machine a second thread helps only
+    while nothing else runs, and costs far more than it gives as soon as anything else does."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 

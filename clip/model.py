@@ -14,8 +14,8 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), OpenAI's GELU approximation, written as silu(1.702 x) / 1.702: torch's fused SiLU and
-    its fused backward take a tenth off a toy pre-training step on a CPU."""
+    """x * sigmoid(1.702 x), OpenAI's GELU approximation, written as silu(1.702 x) / 1.702 to use torch's fused SiLU
+    and its fused backward."""
 
     def forward(self, x):
         return F.silu(1.702 * x) / 1.702
