@@ -545,7 +545,8 @@ def final_evaluation(encoder, model, args, run):
     over = toy.HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
     paper = None if args.toy else published.training_comparison(
         {"model": args.model, "attack": "pgd", "steps": 20, "step_size": cfg["step_size"], "eps": args.eps,
-         "resize_before_attack": False}, {"method": getattr(args, "method", None), "args": vars(args)})
+         "resize_before_attack": False, "prompts": prompts}, {"method": getattr(args, "method", None),
+                                                               "args": vars(args)})
     out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None,
                  baseline_seconds=baseline_seconds, paper=paper)
     if getattr(args, "save_attention", 0) and run.is_main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
@@ -756,7 +757,7 @@ def main(argv=None):
     cfg = attack_config(args.attack, **attack_args)
     paper = None if args.toy else published.comparison(args.protocol, {
         "model": args.model, "attack": args.attack, "steps": args.steps, "step_size": args.step_size, "eps": args.eps,
-        "resize_before_attack": args.resize_before_attack}, trained, args.paper_row)
+        "resize_before_attack": args.resize_before_attack, "prompts": args.prompts}, trained, args.paper_row)
     results = evaluate(encoder, model, sets, make_attack(args.attack, **attack_args), run, args.batch_size, args.workers,
                        make_attack(args.attack, **{**attack_args, "eps": 0.0}))
     sweep = eps_sweep(encoder, model, sets, args.attack, attack_args, run, args.batch_size, args.workers) if args.check else None

@@ -4,8 +4,8 @@ template.format(name). PROMPTS[convention][set] = (template, names), where names
 
 agft: the AGFT paper's code. tga: the code of TGA-ZSR and Comp-TGA, whose dataset files come from TeCoA (PMG-AFT's
 too): "This is a photo of a {}" without a full stop wherever a set has no template of its own, names lower-cased
-(except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files: the same strings. openai: OpenAI's template lists, several
-per set (the template is then a tuple), for evaluation.
+(except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files: the same
+strings. openai: OpenAI's template lists, several per set (the template is then a tuple), for evaluation only.
 """
 
 

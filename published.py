@@ -1,5 +1,6 @@
 """Published per-dataset accuracies (%) of the seed papers' main tables (CLIP ViT-B/32, L-inf eps = 1/255),
-copied as printed, one entry per evaluation protocol of this project (agft, tga, saft)."""
+copied as printed, one entry per evaluation protocol of this project (agft, tga, saft) with the setting its table
+was measured in; match and comparison find the row to print beside an evaluation, or say why there is none."""
 
 # Column order of each table as printed; each row below is the table's line of numbers, in that order.
 _AGFT_COLS = ("caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102",
@@ -66,7 +67,7 @@ PUBLISHED = {
     # Headers "Tiny-ImageNet" -> tinyimagenet (the fine-tuning set, inside the average), "Oxfordpets" -> oxford_pets,
     # "FGVC-Aircraft" -> fgvc_aircraft, "Caltech-101/256" -> caltech101/256. CLIP is the pre-trained model; FT-Clean
     # and FT-Adv. are CLIP fully fine-tuned on clean / adversarial TinyImageNet. The paper prints "TGA-ZSR (ours)" and
-    # "Comp-TGA (ours)", each cell followed by a parenthesised spread (a std over runs); we keep the mean only.
+    # "Comp-TGA (ours)", each cell followed by a parenthesised spread (a std over runs), not kept here.
     "tga": {
         "source": "Complementary Text-Guided Attention (journal extension of TGA-ZSR), Table I (robust) and "
                   "Table II (clean)",
@@ -122,7 +123,7 @@ PUBLISHED = {
     # SAFT-L (CuPL's LLM descriptions) and SAFT-M (an MLLM's descriptions) are the mean of three runs; the table also
     # prints their std, not kept here. FARE's cells equal the "tga" FARE row (only its average differs: 15 sets).
     # "CLIP" here is CLIP fine-tuned on clean TinyImageNet (the paper's baseline (i)), not the pre-trained model: its
-    # cells equal the "tga" FT-Clean row. The copy of this table we transcribed lacks two of its cells, left absent:
+    # cells equal the "tga" FT-Clean row. Two of its cells are missing from the text it was copied from, left absent:
     # the robust FGVC-Aircraft cell (the FT-Clean row of the "tga" Table I has 0.03 there, which makes the printed
     # 6.62 the mean of the 15 sets) and the clean "Zero-shot Average".
     "saft": {
@@ -168,13 +169,12 @@ PUBLISHED = {
     },
 }
 
-# The row each of this project's training scripts trains, per protocol. The CLIP rows of "agft" and "tga" are
-# evaluate.py on the pre-trained model; no script here trains FT-Clean, FT-Adv., LAAT, GLADIATOR or FARE (FARE's
-# row is listed for comparison with FARE's released encoders, which evaluate.py loads).
+# The row each of this project's training scripts trains, per protocol (the CLIP rows of "agft" and "tga" are
+# evaluate.py on OpenAI's weights). Rows without a script (GLADIATOR, LAAT, ...) are for --paper-row.
 SCRIPT_ROWS = {
     "agft": {"tecoa": "TeCoA", "pmg_aft": "PMG-AFT", "tga_zsr": "TGA-ZSR", "agft": "AGFT"},
     "tga": {"tecoa": "TeCoA", "pmg_aft": "PMG-AFT", "tga_zsr": "TGA-ZSR", "comp_tga": "Comp-TGA", "fare": "FARE"},
-    # saft.py trains SAFT-L with CuPL's descriptions (its documented run), SAFT-M with the MLLM's descriptions
+    # saft.py trains SAFT-L with CuPL's descriptions (its documented run); a run on the MLLM's: --paper-row SAFT-M
     "saft": {"tecoa": "TeCoA", "pmg_aft": "PMG-AFT", "tga_zsr": "TGA-ZSR", "saft": "SAFT-L", "fare": "FARE"},
 }
 
@@ -215,14 +215,16 @@ def _differs(a, b):
 def match(protocol, run, trained=None, row=None):
     """(row, None): the published row to print beside an evaluation, else (None, why not, one line).
 
-    run: the evaluation's {"model", "attack", "steps", "step_size", "eps", "resize_before_attack"}; trained: a
-    checkpoint of ours, {"method", "args"}, {} for anyone else's, None for OpenAI's own weights; row: one chosen by
-    name (--paper-row), which skips the checks of how the checkpoint was trained."""
+    run: the evaluation's {"model", "attack", "steps", "step_size", "eps", "resize_before_attack", "prompts"};
+    trained: a checkpoint of ours, {"method", "args"}, {} for anyone else's, None for OpenAI's own weights; row: one
+    chosen by name (--paper-row), which skips the checks of how the checkpoint was trained."""
     if protocol not in PUBLISHED:
         return None, f"no paper row: {UNPUBLISHED.get(protocol, f'protocol {protocol} has no published table')}"
     entry = PUBLISHED[protocol]
+    if run.get("prompts", entry["prompts"][0]) not in entry["prompts"]:
+        return None, f"no paper row: prompts {run['prompts']} differ from {entry['table']}'s {entry['prompts'][0]}"
     for key, value in run.items():
-        if _differs(value, entry[key]):
+        if key != "prompts" and _differs(value, entry[key]):
             return None, f"no paper row: {_say(key, value)} differs from {entry['table']}'s {_say(key, entry[key])}"
     if row:
         return row, None

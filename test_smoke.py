@@ -2687,6 +2687,7 @@ def test_which_paper_row_matches_which_run():
         "no row for a checkpoint of comp_tga": match("agft", AGFT_RUN, ours("comp_tga")),
         "no row for a checkpoint of another codebase; --paper-row NAME": match("agft", AGFT_RUN, {}),
         "do not name the sets": match("robustvlm", AGFT_RUN),
+        "prompts openai differ from SAFT Table 1's tga": match("saft", {**TGA_RUN, "prompts": "openai"}, row="TeCoA"),
     }
     for text, (row, line) in why.items():
         assert row is None and line.startswith("no paper row: ") and text in line and "\n" not in line, (text, line)
