@@ -384,7 +384,8 @@ def autoattack(model, x, y, eps, version="seed", steps=100, queries=5000):
 
     version "seed": APGD-CE then APGD-DLR, `steps` iterations each, one restart, as TeCoA, TGA-ZSR and SAFT run
     it (APGD-CE alone with fewer than 3 classes). "standard": APGD-CE, APGD-T and FAB-T (9 targets each), Square
-    (5000 queries), Croce & Hein's standard version.
+    (5000 queries), Croce & Hein's standard version. "robustvlm": APGD-CE with 5 restarts, then APGD-T (9 targets),
+    as RobustVLM's zero-shot evaluation runs AutoAttack's custom version.
     """
     n = num_classes(model, x)
     ce = lambda m, xx, yy: apgd_ce(m, xx, yy, eps, steps)  # noqa: E731
@@ -393,8 +394,11 @@ def autoattack(model, x, y, eps, version="seed", steps=100, queries=5000):
     elif version == "standard":
         parts = [ce, lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps), lambda m, xx, yy: fab_t(m, xx, yy, eps, steps),
                  lambda m, xx, yy: square(m, xx, yy, eps, queries)]
+    elif version == "robustvlm":
+        parts = [lambda m, xx, yy: apgd_ce(m, xx, yy, eps, steps, restarts=5),
+                 lambda m, xx, yy: apgd_t(m, xx, yy, eps, steps)]
     else:
-        raise ValueError(f"unknown AutoAttack version '{version}' (known: seed, standard)")
+        raise ValueError(f"unknown AutoAttack version '{version}' (known: seed, standard, robustvlm)")
     if n < 3:
         say_once(f"AutoAttack with {n} classes: no DLR attack (it needs 3 classes), APGD-CE" +
                  (", FAB-T and Square" if version == "standard" else " only"))

@@ -38,6 +38,7 @@ import data
 import harness
 import pictures
 import prompts
+import published
 import toy
 from harness import UsageError, fmt_eps
 
@@ -45,8 +46,12 @@ from harness import UsageError, fmt_eps
 
 
 def text_head(model, dataset):
-    """Normalised text features of the dataset's prompts, one per class, encoded once."""
-    return clip.encode_text(model, data.prompts(dataset))
+    """Normalised text features, one per class, encoded once: of the dataset's prompts, or where its template is a
+    tuple (an ensemble, CLIP's own zero-shot head) the mean over templates of the normalised features, renormalised."""
+    if isinstance(dataset.template, str):
+        return clip.encode_text(model, data.prompts(dataset))
+    per_template = [clip.encode_text(model, [t.format(c) for c in dataset.classnames]) for t in dataset.template]
+    return torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
 def eval_subset(dataset, max_n, seed=0):
@@ -268,6 +273,8 @@ TGA_SETS = ["tinyimagenet", "cifar10", "cifar100", "stl10", "sun397", "food101",
             "eurosat", "fgvc_aircraft", "imagenet", "caltech101", "caltech256", "stanford_cars", "pcam"]
 SAFT_SETS = ["tinyimagenet", "cifar10", "cifar100", "food101", "stl10", "oxford_pets", "flowers102", "dtd", "eurosat",
              "fgvc_aircraft", "caltech101", "caltech256", "stanford_cars", "pcam", "imagenet", "sun397"]
+ROBUSTVLM_SETS = ["cifar10", "stl10", "cifar100", "stanford_cars", "caltech101", "oxford_pets", "flowers102", "dtd",
+                  "eurosat", "fgvc_aircraft", "pcam", "imagenet-r", "imagenet-sketch"]
 PROTOCOLS = {
     # AGFT Tables 1-2: PGD-20, CIFAR/STL attacked at native resolution, the 15 zero-shot sets and their mean
     "agft": dict(steps=20, step_size=1 / 255, resize_before_attack=False, datasets=data.ZERO_SHOT_SETS,
@@ -278,6 +285,13 @@ PROTOCOLS = {
     # SAFT Table 1: as TGA, but TinyImageNet (the training source) is reported apart from the 15-set "zero-shot average"
     "saft": dict(steps=100, step_size=1 / 255, resize_before_attack=True, datasets=SAFT_SETS, average=SAFT_SETS[1:],
                  prompts="saft"),
+    # RobustVLM (FARE, Schlarmann et al., ICML 2024), its CLIP_benchmark evaluation: AutoAttack's custom version,
+    # APGD-CE (5 restarts) then APGD-T, 100 iterations each (APGD-CE alone on PCAM's 2 classes), at eps 2/255 (run
+    # again with --eps 4/255), on 1000 images per set (bash/run_benchmark_adv.sh); CIFAR/STL attacked at native
+    # resolution (clip_benchmark/cli.py); its 13 sets (benchmark/datasets.txt) with OpenAI's template lists.
+    "robustvlm": dict(steps=100, step_size=2 / 255, resize_before_attack=False, datasets=ROBUSTVLM_SETS,
+                      average=ROBUSTVLM_SETS, prompts="openai", attack="autoattack", aa="robustvlm", eps=2 / 255,
+                      max_per_dataset=1000),
 }
 SHORT = {"caltech101": "Cal101", "caltech256": "Cal256", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
          "eurosat": "EuroSAT", "fgvc_aircraft": "FGVC", "flowers102": "Flowers", "food101": "Food101",
@@ -290,18 +304,29 @@ def grid(names, rows):
     heads = [SHORT.get(n, n.upper() if len(n) <= 5 else n) for n in names] + ["avg"]
     widths = [max(len(h), 6) + 2 for h in heads]
     label_w = max(len(label) for label, _ in rows) + 2
-    return [" " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))] + [
-        f"{label:<{label_w}}" + "".join(f"{c:>{w}.2f}" for c, w in zip(cells, widths)) for label, cells in rows]
+    return [" " * label_w + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))] + [  # a None cell: blank
+        f"{label:<{label_w}}" + "".join(f"{'' if c is None else f'{c:.2f}':>{w}}" for c, w in zip(cells, widths))
+        for label, cells in rows]
 
 
-def table(models, names=None, over=None):
+def table(models, names=None, over=None, paper=None):
     """Zero-shot accuracy table: one column per dataset (in `names` order, default the evaluated order) and the
-    average over `over` (default all); one row per model and metric, {label: results} -> clean rows, robust rows."""
+    average over `over` (default all); one row per model and metric, {label: results} -> clean rows, robust rows;
+    with `paper` (results.json's "paper") its row and the last model's difference to it after each metric's rows
+    (blank where the paper has no number, and the average unless it covers the paper's sets)."""
     first = next(iter(models.values()))
     names = names or [n for n in first if not n.startswith("_")]
     over = averaged(first, over)
-    rows = [(f"{label} {metric}", [res[n][metric] if n in res else float("nan") for n in names]
-             + [average(res, over)[metric]]) for metric in ("clean", "robust") for label, res in models.items()]
+    rows, last = [], list(models.values())[-1]
+    for metric in ("clean", "robust"):
+        rows += [(f"{label} {metric}", [res[n][metric] if n in res else float("nan") for n in names]
+                  + [average(res, over)[metric]]) for label, res in models.items()]
+        if paper and paper["row"]:
+            same = set(over) == set(published.PUBLISHED[paper["protocol"]]["average_over"])
+            pub = [paper[metric].get(n) for n in names] + [paper[metric].get("average") if same else None]
+            ours = [last[n][metric] if n in last else None for n in names] + [average(last, over)[metric]]
+            rows += [(f"paper {metric}", pub), (f"ours - paper {metric}",
+                                                [None if p is None or o is None else o - p for o, p in zip(ours, pub)])]
     apart = [n for n in names if n not in over]
     return "\n".join(grid(names, rows) + ([f"avg: mean over the {len(over)} sets other than {', '.join(apart)}"]
                                           if apart else []))
@@ -339,20 +364,25 @@ def report_clean(run, model_name, results, names=None, over=None, protocol=None)
 
 
 def report(run, model_name, attack_cfg, results, baseline=None, names=None, over=None, protocol=None, sweep=None,
-           baseline_seconds=None):
+           baseline_seconds=None, paper=None):
     """Print the table (baseline rows above the fine-tuned ones when given) and write results.json.
 
     names: the column order; over: the sets the average covers (default all); protocol: recorded in the JSON;
-    sweep: eps_sweep's (sweep, failed); baseline_seconds: the time the baseline took (evaluated, or read from the cache)."""
+    sweep: eps_sweep's (sweep, failed); baseline_seconds: the time the baseline took (evaluated, or read from the cache);
+    paper: published.comparison's, its rows printed beside ours (or why there are none)."""
     models = {"before": baseline, "after": results} if baseline else {"model": results}
     run.log(f"\nzero-shot top-1 (%), {attack_cfg['name']}-{attack_cfg['steps']} at eps {fmt_eps(attack_cfg['eps'])}, "
-            f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over)}")
+            f"step {fmt_eps(attack_cfg['step_size'])}\n{table(models, names, over, paper)}")
+    if paper:
+        run.log(paper.get("why") or f"paper: {paper['source']}, row {paper['row']}")
     out = {"model": model_name, "attack": attack_cfg, "results": results, "average": average(results, over),
            "average_over": averaged(results, over)}
     if baseline:
         out["baseline"] = {"results": baseline, "average": average(baseline, over), "seconds": baseline_seconds}
     if sweep:
         out["checks"] = {"eps_sweep": sweep[0]}
+    if paper:
+        out["paper"] = paper
     failed = sanity_checks(results, attack_cfg["eps"]) + (sweep[1] if sweep else [])
     return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
@@ -515,8 +545,12 @@ def final_evaluation(encoder, model, args, run):
     run.log("evaluating the fine-tuned encoder")
     results = evaluate(encoder, model, sets, attack, run, args.batch_size, args.workers, attack0)
     over = toy.HELDOUT if args.toy else None  # the toy average: held-out tasks only, not the fine-tuning task
+    paper = None if args.toy else published.training_comparison(
+        {"model": args.model, "attack": "pgd", "steps": 20, "step_size": cfg["step_size"], "eps": args.eps,
+         "resize_before_attack": False, "prompts": prompts}, {"method": getattr(args, "method", None),
+                                                               "args": vars(args)})
     out = report(run, args.model, cfg, results, baseline, over=over, protocol={"prompts": prompts} if prompts else None,
-                 baseline_seconds=baseline_seconds)
+                 baseline_seconds=baseline_seconds, paper=paper)
     if getattr(args, "save_attention", 0) and run.is_main and run.out_dir:  # tga_zsr.py, comp_tga.py, saft.py
         save_attention(encoder, f0, model, attack, args, run)
     harness.unlock_folder(args.out_dir)  # the run is over: another may resume it
@@ -617,7 +651,10 @@ def parser():
     add("--protocol", default="agft", choices=list(PROTOCOLS),
         help="a paper's evaluation: agft (PGD-20, native-resolution CIFAR/STL, 15 sets), tga (PGD-100, resized, 16 "
              "sets with TinyImageNet), saft (as tga, TinyImageNet apart from the 15-set average), each with its "
-             "paper's class names and prompts; default agft")
+             "paper's class names and prompts; robustvlm (APGD-CE + APGD-T at eps 2/255, 1000 images of 13 sets, "
+             "OpenAI's template ensembles); default agft")
+    add("--paper-row", help="the published row of the protocol's table to print beside ours (default: CLIP for "
+                            "OpenAI's weights, the method's row for a checkpoint of ours)")
     add("--datasets", type=harness.parse_names, help="comma-separated dataset names (default: the protocol's; 'all' adds "
                            f"{', '.join(data.EXTRA_SETS)})")
     add("--data-root", help="folder holding the datasets (layouts: README)")
@@ -625,12 +662,14 @@ def parser():
     add("--resize-before-attack", action=argparse.BooleanOptionalAction,
         help="resize CIFAR-10/100 and STL-10 to the model resolution before the attack (default: the protocol's)")
     add("--prompts", choices=list(prompts.PROMPTS), help="class names and prompt templates of the sets, as in the code of "
-        "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT) (default: the protocol's)")
-    add("--attack", default="pgd", type=harness.parse_names,
+        "agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT), or openai (OpenAI's template lists, "
+        "averaged) (default: the protocol's)")
+    add("--attack", type=harness.parse_names,
         help=f"{', '.join(ATTACKS)}; 'all' for AGFT's 15-attack table; a comma-separated list; or 'none' for clean "
-             "accuracy alone (default pgd)")
-    add("--aa", default="seed", choices=["seed", "standard"],
-        help="AutoAttack version: seed = APGD-CE + APGD-DLR (default), standard = APGD-CE + APGD-T + FAB-T + Square")
+             "accuracy alone (default: the protocol's, pgd but for robustvlm)")
+    add("--aa", choices=["seed", "standard", "robustvlm"], help="AutoAttack version: seed = APGD-CE + APGD-DLR (the "
+        "default but for --protocol robustvlm), standard = APGD-CE + APGD-T + FAB-T + Square, robustvlm = APGD-CE "
+        "(5 restarts) + APGD-T")
     add("--apgd-steps", type=harness.POSITIVE, default=100, help="iterations of each APGD and FAB-T run (also inside AutoAttack; default 100)")
     add("--eps", "--eval-eps", type=harness.parse_eps, help="L-inf radius in [0, 1], e.g. 1/255 (default 1/255, "
         "every protocol's; 16/255 with --toy)")
@@ -655,10 +694,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     harness.check_out_dir(p, args.out_dir)
     proto = PROTOCOLS[args.protocol]
-    ckpt = ckpt_model = None
+    ckpt = ckpt_model = trained = None  # trained: how a checkpoint of ours was trained, {} for anyone else's
     if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
         ckpt = clip.read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
+        ours = isinstance(ckpt, dict) and isinstance(ckpt.get("method"), str) and isinstance(ckpt.get("args"), dict)
+        trained = {"method": ckpt["method"], "args": ckpt["args"]} if ours else {}
         _, encoder_sd = clip.checkpoint_encoder(ckpt, args.checkpoint)
     args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
     if args.checkpoint:
@@ -666,8 +707,14 @@ def main(argv=None):
         del encoder_sd
     if args.workers is None:
         args.workers = 0 if args.toy else 4
-    if args.eps is None:
-        args.eps = toy.EPS if args.toy else 1 / 255
+    if args.paper_row and args.paper_row not in published.PUBLISHED.get(args.protocol, {"rows": []})["rows"]:
+        rows = published.PUBLISHED.get(args.protocol, {"rows": {}})["rows"]
+        raise UsageError(f"--paper-row {args.paper_row}: no such row for --protocol {args.protocol} (rows: "
+                         f"{', '.join(rows) or 'none'})")
+    for key, toy_value, default in (("eps", toy.EPS, 1 / 255), ("attack", "pgd", "pgd"), ("aa", "seed", "seed"),
+                                    ("max_per_dataset", None, None)):
+        if getattr(args, key) is None:
+            setattr(args, key, toy_value if args.toy else proto.get(key, default))
     if args.step_size is None:
         args.step_size = min(args.eps / 4 if args.toy else proto["step_size"], args.eps)
     if args.steps is None:
@@ -712,10 +759,14 @@ def main(argv=None):
         report_attacks(run, args.checkpoint or args.model, configs, per_attack, over, protocol)
         return
     cfg = attack_config(args.attack, **attack_args)
+    paper = None if args.toy else published.comparison(args.protocol, {
+        "model": args.model, "attack": args.attack, "steps": args.steps, "step_size": args.step_size, "eps": args.eps,
+        "resize_before_attack": args.resize_before_attack, "prompts": args.prompts}, trained, args.paper_row)
     results = evaluate(encoder, model, sets, make_attack(args.attack, **attack_args), run, args.batch_size, args.workers,
                        make_attack(args.attack, **{**attack_args, "eps": 0.0}))
     sweep = eps_sweep(encoder, model, sets, args.attack, attack_args, run, args.batch_size, args.workers) if args.check else None
-    report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol, sweep=sweep)
+    report(run, args.checkpoint or args.model, cfg, results, names=list(sets), over=over, protocol=protocol, sweep=sweep,
+           paper=paper)
 
 
 if __name__ == "__main__":

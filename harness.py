@@ -430,7 +430,8 @@ def training_parser(doc):
     add("--data-root", help="folder holding the datasets (or the <class>/<images> tree for --train-set imagefolder)")
     add("--eval-sets", type=parse_names, help="comma-separated zero-shot evaluation sets for the evaluation "
                                                         "at the end")
-    add("--prompts", choices=list(prompts.PROMPTS), help="class names and prompt templates of the training and evaluation "
+    add("--prompts", choices=[c for c in prompts.PROMPTS if c not in prompts.ENSEMBLES],
+        help="class names and prompt templates of the training and evaluation "
         "sets, as in the code of agft (AGFT), tga (TeCoA, PMG-AFT, TGA-ZSR, Comp-TGA) or saft (SAFT); the script's "
         "paper's, or none under --toy, whose world has its own")
     add("--eval-baseline", action=argparse.BooleanOptionalAction, help="also evaluate the pre-trained encoder")

@@ -4,7 +4,8 @@ template.format(name). PROMPTS[convention][set] = (template, names), where names
 
 agft: the AGFT paper's code. tga: the code of TGA-ZSR and Comp-TGA, whose dataset files come from TeCoA (PMG-AFT's
 too): "This is a photo of a {}" without a full stop wherever a set has no template of its own, names lower-cased
-(except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files: the same strings.
+(except Country211's), 101 Caltech-101 classes. saft: SAFT's code, which copies those dataset files: the same
+strings. openai: OpenAI's template lists, several per set (the template is then a tuple), for evaluation only.
 """
 
 
@@ -153,3 +154,79 @@ PROMPTS = {
     },
 }
 PROMPTS["saft"] = PROMPTS["tga"]
+
+
+# ----------------------------------------------------------------------------- template ensembles
+# OpenAI's zero-shot templates (the openai/CLIP repository: data/prompts.md per dataset, the 80 ImageNet ones from
+# notebooks/Prompt_Engineering_for_ImageNet.ipynb), the lists CLIP_benchmark and RobustVLM evaluate with. A set
+# without a list of its own (Caltech-256, TinyImageNet, ImageNet-R, ImageNet-Sketch) takes the ImageNet list, as
+# CLIP_benchmark does. CIFAR-10 and CIFAR-100 share one list, STL-10 and SUN397 another.
+OPENAI_IMAGENET = (
+    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.", "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.", "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
+    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.", "a photo of a hard to see {}.",
+    "a bright photo of a {}.", "a photo of a clean {}.", "a photo of a dirty {}.", "a dark photo of the {}.",
+    "a drawing of a {}.", "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a painting of the {}.", "a painting of a {}.",
+    "a pixelated photo of the {}.", "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
+    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.",
+    "a photo of the {}.", "a good photo of the {}.", "a rendering of the {}.", "a {} in a video game.",
+    "a photo of one {}.", "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.", "the origami {}.",
+    "the {} in a video game.", "a sketch of a {}.", "a doodle of the {}.", "a origami {}.",
+    "a low resolution photo of a {}.", "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
+    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.", "a photo of a weird {}.",
+    "a blurry photo of a {}.", "a cartoon {}.", "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
+    "a pixelated photo of a {}.", "itap of the {}.", "a jpeg corrupted photo of the {}.", "a good photo of a {}.",
+    "a plushie {}.", "a photo of the nice {}.", "a photo of the small {}.", "a photo of the weird {}.",
+    "the cartoon {}.", "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
+    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.", "itap of a {}.",
+    "graffiti of the {}.", "a toy {}.", "itap of my {}.", "a photo of a cool {}.", "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+OPENAI_CIFAR = (
+    "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+    "a low contrast photo of a {}.", "a high contrast photo of a {}.", "a bad photo of a {}.",
+    "a good photo of a {}.", "a photo of a small {}.", "a photo of a big {}.", "a photo of the {}.",
+    "a blurry photo of the {}.", "a black and white photo of the {}.", "a low contrast photo of the {}.",
+    "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+    "a photo of the small {}.", "a photo of the big {}.",
+)
+OPENAI_CALTECH101 = (
+    "a photo of a {}.", "a painting of a {}.", "a plastic {}.", "a sculpture of a {}.", "a sketch of a {}.",
+    "a tattoo of a {}.", "a toy {}.", "a rendition of a {}.", "a embroidered {}.", "a cartoon {}.",
+    "a {} in a video game.", "a plushie {}.", "a origami {}.", "art of a {}.", "graffiti of a {}.",
+    "a drawing of a {}.", "a doodle of a {}.", "a photo of the {}.", "a painting of the {}.", "the plastic {}.",
+    "a sculpture of the {}.", "a sketch of the {}.", "a tattoo of the {}.", "the toy {}.", "a rendition of the {}.",
+    "the embroidered {}.", "the cartoon {}.", "the {} in a video game.", "the plushie {}.", "the origami {}.",
+    "art of the {}.", "graffiti of the {}.", "a drawing of the {}.", "a doodle of the {}.",
+)
+OPENAI_COUNTRY211 = (
+    "a photo i took in {}.", "a photo i took while visiting {}.", "a photo from my home country of {}.",
+    "a photo from my visit to {}.", "a photo showing the country of {}.",
+)
+OPENAI_DTD = (
+    "a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.", "a photo of a {} object.",
+    "a photo of the {} texture.", "a photo of the {} pattern.", "a photo of the {} thing.",
+    "a photo of the {} object.",
+)
+OPENAI_CARS = (
+    "a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!", "a photo of my dirty {}.",
+    "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}.",
+)
+OPENAI_LISTS = {
+    "cifar10": OPENAI_CIFAR, "cifar100": OPENAI_CIFAR, "caltech101": OPENAI_CALTECH101, "dtd": OPENAI_DTD,
+    "stanford_cars": OPENAI_CARS, "country211": OPENAI_COUNTRY211,
+    "eurosat": ("a centered satellite photo of {}.", "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."),
+    "fgvc_aircraft": ("a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."),
+    "flowers102": ("a photo of a {}, a type of flower.",), "food101": ("a photo of {}, a type of food.",),
+    "oxford_pets": ("a photo of a {}, a type of pet.",), "pcam": ("this is a photo of {}",),
+    "stl10": ("a photo of a {}.", "a photo of the {}."), "sun397": ("a photo of a {}.", "a photo of the {}."),
+}
+# openai: a tuple of templates per set, an ensemble (evaluate.text_head averages their normalised text features),
+# with the class names of the tga convention; PCAM's are OpenAI's two.
+PROMPTS["openai"] = {name: (OPENAI_LISTS.get(name, OPENAI_IMAGENET), names)
+                     for name, (_, names) in PROMPTS["tga"].items()}
+PROMPTS["openai"]["pcam"] = (OPENAI_LISTS["pcam"],
+                             lambda ds: ["lymph node", "lymph node containing metastatic tumor tissue"])
+ENSEMBLES = {"openai"}  # conventions with several templates per set: evaluation only (the training losses take one)

@@ -1355,7 +1355,8 @@ def write_eval_sets(root, monkeypatch):
 def test_every_set_has_each_protocols_prompts(tmp_path, monkeypatch, no_checksums):
     write_eval_sets(tmp_path, monkeypatch)
     assert set(PINNED) | {"stanford_cars"} == set(data.ZERO_SHOT_SETS + data.EXTRA_SETS)
-    assert set(prompts.PROMPTS) == set(AGFT_TO_TGA) and all(set(p) == set(data.SETS) for p in prompts.PROMPTS.values())
+    assert set(prompts.PROMPTS) == set(AGFT_TO_TGA) | prompts.ENSEMBLES
+    assert all(set(p) == set(data.SETS) for p in prompts.PROMPTS.values())
     for convention, strings in AGFT_TO_TGA.items():
         for name, (idx, expected) in PINNED.items():
             ds = load(name, tmp_path, prompts=convention)
@@ -2850,3 +2851,269 @@ def test_ft_clean_trains_two_steps_and_is_evaluated_under_attack(tiny_ckpt, tiny
                           "--attack-steps", "0"))
     assert "clip " in open(tmp_path / "log.txt").read().split("step 2/2")[1]
     assert json.load(open(tmp_path / "results.json"))["attack"]["eps"] == pytest.approx(1 / 255)
+
+
+# ----------------------------------------------------------------------------- published numbers beside ours
+# published.py's cells double-checked by eye against the papers' tables, the tables' own consistency, which row
+# matches which run, the rows printed; the template ensembles and the RobustVLM protocol.
+from published import PUBLISHED, SCRIPT_ROWS, paper_row, row_names  # noqa: E402
+import published  # noqa: E402
+
+PUB_SETS = {"caltech101", "caltech256", "cifar10", "cifar100", "dtd", "eurosat", "fgvc_aircraft", "flowers102", "food101",
+        "imagenet", "oxford_pets", "pcam", "stanford_cars", "stl10", "sun397", "tinyimagenet"}
+PUB_ZERO_SHOT = PUB_SETS - {"tinyimagenet"}
+
+# (protocol, row, clean/robust, set, value as printed)
+PUB_CELLS = [
+    ("agft", "AGFT", "robust", "cifar10", 71.72),           # AGFT Table 1
+    ("agft", "TGA-ZSR", "robust", "imagenet", 52.80),       # AGFT Table 1
+    ("agft", "CLIP", "robust", "fgvc_aircraft", 0.00),      # AGFT Table 1: printed 0.00, so present
+    ("agft", "CLIP", "clean", "pcam", 58.26),               # AGFT Table 2
+    ("agft", "GLADIATOR", "clean", "average", 60.34),       # AGFT Table 2
+    ("agft", "PMG-AFT", "clean", "food101", 70.03),         # AGFT Table 2
+    ("tga", "Comp-TGA", "robust", "tinyimagenet", 69.22),   # Table I
+    ("tga", "Comp-TGA", "robust", "average", 44.46),        # Table I
+    ("tga", "LAAT", "robust", "pcam", 37.47),               # Table I
+    ("tga", "TeCoA", "clean", "imagenet", 37.09),           # Table II
+    ("tga", "FARE", "clean", "average", 59.85),             # Table II
+    ("tga", "TGA-ZSR", "clean", "sun397", 51.99),           # Table II
+    ("saft", "SAFT-L", "robust", "average", 35.35),         # SAFT Table 1
+    ("saft", "TGA-ZSR", "robust", "tinyimagenet", 47.87),   # SAFT Table 1
+    ("saft", "CLIP", "robust", "caltech101", 14.95),        # SAFT Table 1
+    ("saft", "SAFT-M", "clean", "eurosat", 29.56),          # SAFT Table 1
+    ("saft", "FARE", "clean", "average", 58.68),            # SAFT Table 1 (printed "58.68*")
+    ("saft", "PMG-AFT", "clean", "imagenet", 23.72),        # SAFT Table 1
+]
+
+# Rows whose printed average is not the mean of their printed cells (within rounding), with the reason.
+PUB_MISMATCHES = {
+    ("tga", "TGA-ZSR", "clean"): "printed 56.44, mean of the 16 cells 56.38; the same cells and 56.44 recur in the "
+                                 "paper's later tables",
+    ("saft", "TeCoA", "clean"): "printed 43.08, mean of the 15 zero-shot cells 42.55",
+    ("saft", "CLIP", "robust"): "the FGVC-Aircraft cell is absent (14 of 15 cells)",
+}
+
+
+def pub_mean_mismatches():
+    out = {}
+    for protocol, entry in PUBLISHED.items():
+        for row, kinds in entry["rows"].items():
+            for kind, cells in kinds.items():
+                if "average" not in cells:
+                    continue
+                values = [cells[s] for s in entry["average_over"] if s in cells]
+                mean = sum(values) / len(values)
+                # each cell and the average are rounded to 2 decimals: they can differ by 0.01 at most
+                if len(values) != len(entry["average_over"]) or abs(mean - cells["average"]) > 0.0101:
+                    out[(protocol, row, kind)] = (round(mean, 2), cells["average"])
+    return out
+
+
+@pytest.mark.parametrize("protocol,row,kind,name,value", PUB_CELLS)
+def test_cells_as_printed(protocol, row, kind, name, value):
+    assert paper_row(protocol, row)[kind][name] == value
+
+
+def test_protocols_and_rows():
+    assert set(PUBLISHED) == {"agft", "tga", "saft"}
+    assert row_names("agft") == ["CLIP", "TeCoA", "PMG-AFT", "TGA-ZSR", "GLADIATOR", "AGFT"]
+    assert row_names("tga") == ["CLIP", "FT-Clean", "FT-Adv.", "TeCoA", "FARE", "LAAT", "PMG-AFT", "TGA-ZSR",
+                                "Comp-TGA"]
+    assert row_names("saft") == ["CLIP", "TeCoA", "FARE", "PMG-AFT", "TGA-ZSR", "SAFT-L", "SAFT-M"]
+    for protocol, scripts in SCRIPT_ROWS.items():
+        for script, row in scripts.items():
+            assert row in PUBLISHED[protocol]["rows"], (protocol, script, row)
+
+
+def test_entries_say_their_source():
+    for entry in PUBLISHED.values():
+        assert entry["model"] == "ViT-B/32" and entry["eps"] == 1 / 255
+        assert set(entry["tables"]) == {"clean", "robust"}
+        assert all(t in entry["source"] for t in entry["tables"].values())
+        assert set(entry["average_over"]) <= PUB_SETS
+
+
+def test_sets_and_values():
+    for protocol, entry in PUBLISHED.items():
+        for row, kinds in entry["rows"].items():
+            assert set(kinds) == {"clean", "robust"}, (protocol, row)
+            for kind, cells in kinds.items():
+                assert set(cells) <= PUB_SETS | {"average"}, (protocol, row, kind)
+                for name, v in cells.items():
+                    assert type(v) is float and 0.0 <= v <= 100.0, (protocol, row, kind, name, v)
+
+
+def test_unreported_sets_are_absent():
+    for row in row_names("agft"):  # AGFT's tables have no TinyImageNet column
+        for cells in paper_row("agft", row).values():
+            assert set(cells) == PUB_ZERO_SHOT | {"average"}
+    for protocol in ("tga", "saft"):
+        for row in row_names(protocol):
+            for kind, cells in paper_row(protocol, row).items():
+                if (protocol, row) != ("saft", "CLIP"):
+                    assert set(cells) == PUB_SETS | {"average"}, (protocol, row, kind)
+    clip = paper_row("saft", "CLIP")  # two cells missing from SAFT Table 1 as transcribed
+    assert set(clip["robust"]) == (PUB_SETS - {"fgvc_aircraft"}) | {"average"}
+    assert set(clip["clean"]) == PUB_SETS
+
+
+def test_averages_are_the_mean_of_the_sets():
+    assert pub_mean_mismatches().keys() == PUB_MISMATCHES.keys(), pub_mean_mismatches()
+    assert set(PUBLISHED["agft"]["average_over"]) == PUB_ZERO_SHOT
+    assert set(PUBLISHED["tga"]["average_over"]) == PUB_SETS
+    assert set(PUBLISHED["saft"]["average_over"]) == PUB_ZERO_SHOT
+
+
+def test_saft_clip_robust_average_with_the_missing_cell():
+    # SAFT's "CLIP" is CLIP fine-tuned on clean TinyImageNet: the FT-Clean row of the TGA tables, with 0.03 on FGVC
+    cells = paper_row("saft", "CLIP")["robust"]
+    cells["fgvc_aircraft"] = paper_row("tga", "FT-Clean")["robust"]["fgvc_aircraft"]
+    mean = sum(cells[s] for s in PUBLISHED["saft"]["average_over"]) / 15
+    assert abs(mean - cells["average"]) <= 0.0101
+
+
+def test_rows_quoted_across_papers():
+    # SAFT Table 1 quotes FARE and FT-Clean ("CLIP") from the TGA tables; only the averages (15 vs 16 sets) differ
+    for saft_row, tga_row in (("FARE", "FARE"), ("CLIP", "FT-Clean")):
+        for kind in ("clean", "robust"):
+            s, t = paper_row("saft", saft_row)[kind], paper_row("tga", tga_row)[kind]
+            assert all(s[k] == t[k] for k in s if k != "average"), (saft_row, kind)
+
+
+def test_lookup_errors():
+    with pytest.raises(KeyError, match="known rows: CLIP, TeCoA"):
+        paper_row("agft", "Comp-TGA")
+    with pytest.raises(KeyError, match="known: agft, tga, saft"):
+        paper_row("nope", "CLIP")
+    with pytest.raises(KeyError):
+        row_names("nope")
+    row = paper_row("tga", "TeCoA")
+    row["clean"]["cifar10"] = -1.0  # a copy: the table is unchanged
+    assert paper_row("tga", "TeCoA")["clean"]["cifar10"] == 66.14
+
+
+AGFT_RUN = dict(model="ViT-B/32", attack="pgd", steps=20, step_size=1 / 255, eps=1 / 255, resize_before_attack=False)
+TGA_RUN = {**AGFT_RUN, "steps": 100, "resize_before_attack": True}
+
+
+def ours(method, **args):
+    return {"method": method, "args": {"model": "ViT-B/32", "train_set": "imagenet", "eps": 1 / 255, "prompts": "agft",
+                                       **args}}
+
+
+def test_which_paper_row_matches_which_run():
+    match = published.match
+    assert match("agft", AGFT_RUN) == ("CLIP", None) and match("tga", TGA_RUN) == ("CLIP", None)  # OpenAI's weights
+    assert "CLIP fine-tuned on clean data" in match("saft", TGA_RUN)[1]  # SAFT's "CLIP" row is not OpenAI's weights
+    assert match("agft", AGFT_RUN, ours("agft")) == ("AGFT", None)
+    assert match("agft", AGFT_RUN, ours("tecoa")) == ("TeCoA", None)
+    tga = dict(train_set="tinyimagenet", prompts="tga")
+    assert match("tga", TGA_RUN, ours("comp_tga", **tga)) == ("Comp-TGA", None)
+    assert match("saft", TGA_RUN, ours("tga_zsr", **tga)) == ("TGA-ZSR", None)  # the TinyImageNet run, SAFT's table
+    assert match("saft", TGA_RUN, ours("saft", train_set="tinyimagenet", prompts="saft")) == ("SAFT-L", None)
+    assert match("agft", AGFT_RUN, {}, row="TeCoA") == ("TeCoA", None)  # --paper-row: anyone's checkpoint
+    why = {  # one line each, saying which setting differs
+        "eps 2/255 differs from AGFT Table 1's eps 1/255": match("agft", {**AGFT_RUN, "eps": 2 / 255}),
+        "100 attack steps differs from AGFT Table 1's 20": match("agft", {**AGFT_RUN, "steps": 100}),
+        "CIFAR/STL resized before the attack differs": match("agft", {**AGFT_RUN, "resize_before_attack": True}),
+        "model ViT-L/14 differs": match("agft", {**AGFT_RUN, "model": "ViT-L/14"}, row="CLIP"),
+        "attack autoattack differs": match("tga", {**TGA_RUN, "attack": "autoattack"}),
+        "trained with eps 2/255, unlike AGFT Table 1's eps 1/255": match("agft", AGFT_RUN, ours("agft", eps=2 / 255)),
+        "trained with train set tinyimagenet": match("agft", AGFT_RUN, ours("tecoa", train_set="tinyimagenet")),
+        "trained with prompts tga, unlike AGFT Table 1's agft": match("agft", AGFT_RUN, ours("tecoa", prompts="tga")),
+        "no row for a checkpoint of comp_tga": match("agft", AGFT_RUN, ours("comp_tga")),
+        "no row for a checkpoint of another codebase; --paper-row NAME": match("agft", AGFT_RUN, {}),
+        "do not name the sets": match("robustvlm", AGFT_RUN),
+        "prompts openai differ from SAFT Table 1's tga": match("saft", {**TGA_RUN, "prompts": "openai"}, row="TeCoA"),
+    }
+    for text, (row, line) in why.items():
+        assert row is None and line.startswith("no paper row: ") and text in line and "\n" not in line, (text, line)
+
+
+def test_training_runs_final_evaluation_finds_its_table():
+    final = dict(AGFT_RUN)  # PGD-20 at native resolution: AGFT's Table 1 setting
+    assert published.training_comparison(final, ours("pmg_aft"))["row"] == "PMG-AFT"
+    tga = published.training_comparison(final, ours("tga_zsr", train_set="tinyimagenet", prompts="tga"))
+    assert tga["row"] is None and "20 attack steps differs from TGA-ZSR/Comp-TGA Table I's 100" in tga["why"]
+    assert published.training_comparison(final, ours("bench")) is None  # no table has the method: no line
+
+
+def test_paper_rows_printed_beside_ours_blank_where_unreported(tmp_path):
+    paper = published.comparison("agft", AGFT_RUN)
+    assert paper["row"] == "CLIP" and paper["source"].startswith("AGFT") and paper["clean"]["pcam"] == 58.26
+    res = {"pcam": {"clean": 60.0, "robust": 1.0, "n": 10, "perturbed": 10, "raised": 0},
+           "tinyimagenet": {"clean": 50.0, "robust": 5.0, "n": 10, "perturbed": 10, "raised": 0}}
+    logs = []
+    run = SimpleNamespace(log=logs.append, is_main=True, out_dir=str(tmp_path))
+    cfg = {"name": "pgd", "eps": 1 / 255, "step_size": 1 / 255, "steps": 20}
+    out = evaluate.report(run, "ViT-B/32", cfg, res, names=list(res), paper=paper)
+    lines = {line.split("  ")[0]: line for line in logs[0].splitlines()}
+    assert lines["paper clean"].split()[2:] == ["58.26"]  # TinyImageNet and the average: blank, not 0
+    assert lines["ours - paper clean"].split()[4:] == ["1.74"] and lines["ours - paper robust"].split()[4:] == ["0.87"]
+    assert len(lines["paper clean"]) == len(lines["model clean"]) and lines["paper clean"].endswith(" " * 16)
+    assert logs[1] == f"paper: {paper['source']}, row CLIP"
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["paper"] == out["paper"] == json.loads(json.dumps(paper)) and "tinyimagenet" not in saved["paper"]["clean"]
+    full = {n: {**res["pcam"], "clean": paper["clean"][n] + 1} for n in data.ZERO_SHOT_SETS}  # the table's 15 sets
+    assert "1.00" in evaluate.table({"model": full}, paper=paper).splitlines()[3].split()[-1]  # the average's difference
+    logs.clear()
+    why = published.comparison("agft", {**AGFT_RUN, "eps": 2 / 255})
+    evaluate.report(run, "ViT-B/32", cfg, res, names=list(res), paper=why)
+    assert "paper" not in logs[0] and logs[1] == "no paper row: eps 2/255 differs from AGFT Table 1's eps 1/255"
+    assert json.load(open(tmp_path / "results.json"))["paper"] == {"protocol": "agft", "row": None, "why": logs[1]}
+
+
+def test_evaluate_compares_our_checkpoint_with_its_row(tiny_folder, tmp_path, monkeypatch, capsys):
+    model = tiny_clip()
+    torch.save({"visual": model.visual.state_dict(), "model": "ViT-B/32", **ours("tecoa")}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(harness, "load_model", lambda name, run: tiny_clip())  # the name is ViT-B/32, the weights tiny
+    monkeypatch.setattr(clip.loader, "check_encoder_fits", lambda *a: None)
+    argv = ["--checkpoint", str(tmp_path / "ckpt.pt"), "--datasets", "imagefolder", "--data-root", tiny_folder,
+            "--device", "cpu", "--workers", "0", "--max-per-dataset", "2", "--out-dir", str(tmp_path / "eval")]
+    evaluate.main(argv)
+    res = json.load(open(tmp_path / "eval" / "results.json"))
+    assert res["paper"]["row"] == "TeCoA" and res["paper"]["robust"]["cifar10"] == 59.85 and "imagefolder" not in res["paper"]["clean"]
+    assert "paper robust" in capsys.readouterr().out
+    err = one_line_error(capsys, evaluate.main, argv + ["--paper-row", "FARE"])  # FARE is a row of the TGA tables
+    assert "--paper-row FARE: no such row for --protocol agft (rows: CLIP, TeCoA, PMG-AFT" in err
+
+
+def test_ensemble_text_head_is_the_mean_of_normalised_features_renormalised():
+    model = tiny_clip()
+    names, templates = ["red", "green", "blue"], ("a photo of a {}.", "a drawing of the {}.", "itap of my {}.")
+    head = evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates))
+    per = torch.stack([clip.encode_text(model, [t.format(c) for c in names]) for t in templates])  # each normalised
+    mean = per.mean(0)
+    assert torch.allclose(head, mean / mean.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert torch.allclose(head.norm(dim=-1), torch.ones(3)) and not torch.allclose(head, per[0], atol=1e-3)
+    one = evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates[:1]))
+    assert torch.allclose(one, evaluate.text_head(model, SimpleNamespace(classnames=names, template=templates[0])))
+
+
+def test_openai_templates_per_set(tmp_path, no_checksums):
+    openai = prompts.PROMPTS["openai"]
+    assert len(openai["imagenet"][0]) == 80 and openai["imagenet"][0][0] == "a bad photo of a {}."  # the notebook's
+    assert len(openai["cifar10"][0]) == 18 and openai["cifar100"][0] == openai["cifar10"][0]
+    assert {n: len(openai[n][0]) for n in ("caltech101", "dtd", "stanford_cars", "eurosat", "fgvc_aircraft", "sun397",
+                                           "pcam", "country211")} == {"caltech101": 34, "dtd": 8, "stanford_cars": 8,
+        "eurosat": 3, "fgvc_aircraft": 2, "sun397": 2, "pcam": 1, "country211": 5}
+    assert all(openai[n][0] is openai["imagenet"][0] for n in ("caltech256", "tinyimagenet", "imagenet-r"))
+    assert all(all("{}" in t for t in templates) for templates, _ in openai.values())
+    write_cifar(tmp_path)
+    ds = load("cifar10", tmp_path, prompts="openai")
+    assert ds.template == openai["cifar10"][0] and ds.classnames == load("cifar10", tmp_path, prompts="tga").classnames
+    with pytest.raises(SystemExit):  # the training losses take one template per class
+        tecoa.get_args(["--prompts", "openai"])
+
+
+def test_robustvlm_protocol(monkeypatch):
+    p = evaluate.PROTOCOLS["robustvlm"]
+    assert (p["attack"], p["aa"], p["eps"], p["max_per_dataset"], p["prompts"]) == ("autoattack", "robustvlm", 2 / 255,
+                                                                                    1000, "openai")
+    assert len(p["datasets"]) == 13 and "imagenet" not in p["datasets"] and not p["resize_before_attack"]
+    calls = []
+    monkeypatch.setattr(attacks, "apgd", lambda m, x, y, eps, steps, loss, restarts=1, n_targets=9:
+                        calls.append((loss, steps, restarts, n_targets)) or x)
+    model, x, y = fixed_classifier()
+    evaluate.make_attack("autoattack", 2 / 255, 0, 0, 100, "robustvlm")(model, x, y)
+    assert calls == [("ce", 100, 5, 9), ("dlr-targeted", 100, 1, 9)]  # APGD-CE x5, then APGD-T on what is left
