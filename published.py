@@ -179,6 +179,14 @@ SCRIPT_ROWS = {
 }
 
 
+def script_row(protocol, method, args):
+    """The row a checkpoint of ours trains (SCRIPT_ROWS), or None; `tecoa.py --loss clip` trains the TGA-ZSR tables'
+    FT-Adv. row, and FT-Clean's with no attack (eps 0)."""
+    if method == "tecoa" and args.get("loss") == "clip":
+        return None if protocol != "tga" else "FT-Clean" if not args.get("eps") else "FT-Adv."
+    return SCRIPT_ROWS.get(protocol, {}).get(method)
+
+
 def row_names(protocol):
     """The row names of a protocol's table(s), in the paper's order."""
     if protocol not in PUBLISHED:
@@ -234,18 +242,20 @@ def match(protocol, run, trained=None, row=None):
                           "weights; --paper-row NAME chooses a row")
         return entry["pretrained_row"], None
     method, args = trained.get("method"), trained.get("args") or {}
-    if method not in SCRIPT_ROWS[protocol]:
+    name = script_row(protocol, method, args)
+    if name is None:
         who = method or "another codebase"
         return None, (f"no paper row: {entry['table']} has no row for a checkpoint of {who}; --paper-row NAME "
                       f"chooses one of {', '.join(row_names(protocol))}")
     for key in ("model", "train_set", "eps"):
-        if _differs(args.get(key), entry[key]):
+        expected = 0.0 if key == "eps" and name == "FT-Clean" else entry[key]
+        if _differs(args.get(key), expected):
             return None, (f"no paper row: trained with {_say(key, args.get(key))}, unlike {entry['table']}'s "
-                          f"{_say(key, entry[key])}")
+                          f"{_say(key, expected)}")
     if args.get("prompts") not in entry["prompts"]:
         return None, (f"no paper row: trained with prompts {args.get('prompts')}, unlike {entry['table']}'s "
                       f"{entry['prompts'][0]}")
-    return SCRIPT_ROWS[protocol][method], None
+    return name, None
 
 
 def comparison(protocol, run, trained=None, row=None):
@@ -261,7 +271,7 @@ def training_comparison(run, trained):
     """comparison() for the evaluation at the end of a training run: the first table with a row for its method that
     matches (tables of its training set first), else the first one's reason; None where no table has the method."""
     method, train_set = trained["method"], trained["args"].get("train_set")
-    tables = sorted((p for p in SCRIPT_ROWS if method in SCRIPT_ROWS[p]),
+    tables = sorted((p for p in SCRIPT_ROWS if script_row(p, method, trained["args"])),
                     key=lambda p: PUBLISHED[p]["train_set"] != train_set)
     found = [comparison(p, run, trained) for p in tables]
     return next((c for c in found if c["row"]), found[0] if found else None)

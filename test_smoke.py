@@ -3117,3 +3117,13 @@ def test_robustvlm_protocol(monkeypatch):
     model, x, y = fixed_classifier()
     evaluate.make_attack("autoattack", 2 / 255, 0, 0, 100, "robustvlm")(model, x, y)
     assert calls == [("ce", 100, 5, 9), ("dlr-targeted", 100, 1, 9)]  # APGD-CE x5, then APGD-T on what is left
+
+
+def test_tecoa_clip_loss_checkpoints_get_the_ft_rows():
+    args = dict(model="ViT-B/32", train_set="tinyimagenet", prompts="tga", loss="clip")
+    assert published.script_row("tga", "tecoa", {**args, "eps": 0.0}) == "FT-Clean"
+    assert published.script_row("tga", "tecoa", {**args, "eps": 1 / 255}) == "FT-Adv."
+    assert published.script_row("agft", "tecoa", {**args, "eps": 1 / 255}) is None
+    assert published.script_row("tga", "tecoa", {**args, "loss": "ce", "eps": 1 / 255}) == "TeCoA"
+    run = {k: published.PUBLISHED["tga"][k] for k in ("model", "steps", "step_size", "eps", "resize_before_attack")}
+    assert published.match("tga", run, {"method": "tecoa", "args": {**args, "eps": 0.0}}) == ("FT-Clean", None)
