@@ -74,7 +74,9 @@ def train_attack(f, x, targets, fixed, args):
 
 
 def loss_fn(f, x, x_adv, targets, fixed, args):
-    """AGFT's loss (Eq. 9): CE(inv_tau * cos(f(x_adv), T), p), summed over classes, averaged over the batch.
+    """AGFT's loss (Eq. 9): CE(inv_tau * cos(f(x_adv), T), p), summed over classes, averaged over the batch. Eq. 9
+    writes an expectation E_{i,j} over images and classes, a mean over the C classes too; the official code sums over
+    them, as here: C times the paper's value and gradient (1000 on ImageNet), the same under SGD as C times its lr.
 
     Passes besides the attack: f0 on x (in training_targets, no grad) and f on x_adv forward and backward:
     2 forwards, 1 backward, as the paper's Table 10.

@@ -1,6 +1,6 @@
 """PMG-AFT: pre-trained-model-guided adversarial fine-tuning of CLIP (Wang et al., CVPR 2024).
 
-TeCoA's loss on PGD examples plus two KL terms that keep the fine-tuned encoder f near the frozen pre-trained f0:
+TeCoA's loss on PGD examples plus two KL terms: to the frozen pre-trained f0's prediction on x_adv, and to f's own on x:
     L = CE(z_adv, y) + alpha * KL(softmax(z0_adv) || softmax(z_adv)) + beta * KL(softmax(z_clean) || softmax(z_adv)),
 z_adv = s*cos(f(x_adv), T), z0_adv = s*cos(f0(x_adv), T) (no grad), z_clean = s*cos(f(x), T); x_adv = PGD on the CE.
 

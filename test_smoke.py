@@ -3127,3 +3127,113 @@ def test_tecoa_clip_loss_checkpoints_get_the_ft_rows():
     assert published.script_row("tga", "tecoa", {**args, "loss": "ce", "eps": 1 / 255}) == "TeCoA"
     run = {k: published.PUBLISHED["tga"][k] for k in ("model", "steps", "step_size", "eps", "resize_before_attack")}
     assert published.match("tga", run, {"method": "tecoa", "args": {**args, "eps": 0.0}}) == ("FT-Clean", None)
+
+
+# ----------------------------------------------------------------------------- the lab's self-grading exercises
+# Each grader passes the answer key and fails a deliberately wrong implementation with the hint that names its mistake.
+
+import lab.grade  # noqa: E402  (the lab sits above every module; imported here, where its tests are)
+
+
+def wrong_pgd(project=True, clamp=True, always_random=False):
+    def pgd(model, x, y, eps, alpha, steps, rand_init=True):
+        x_adv = attacks.random_start(x, eps) if rand_init or always_random else x.clone()
+        for _ in range(steps):
+            x_adv = x_adv + alpha * attacks.input_grad(model, attacks.cross_entropy, x_adv, y).sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps) if project else x_adv
+            x_adv = x_adv.clamp(0, 1) if clamp else x_adv
+        return x_adv.detach()
+    return pgd
+
+
+def wrong_pmg(general_x="adv", clean_enc="f", detach=False, frozen=True):
+    def loss_fn(f, x, x_adv, y, fixed, args):
+        def z(enc, images):
+            return clip.cosine_logits(enc(images), fixed.text, 100.0)
+        with torch.no_grad() if frozen else torch.enable_grad():
+            z0 = z(fixed.f0, x_adv if general_x == "adv" else x)
+        z_adv, z_clean = z(f, x_adv), z(f if clean_enc == "f" else fixed.f0, x)
+        z_clean = z_clean.detach() if detach else z_clean
+        return F.cross_entropy(z_adv, y) + args.alpha * pmg_aft.kl(z0, z_adv) + args.beta * pmg_aft.kl(z_clean, z_adv)
+    return loss_fn
+
+
+def wrong_map(order=False, per_token=False, align_corners=False):
+    def text_guided(tokens, text, size):
+        t = F.normalize(tokens, dim=-1) if per_token else tokens / tokens.norm(dim=1, keepdim=True)
+        s = torch.einsum("bpd,bd->bp", t[:, 1:], text).view(-1, 1, 4, 4)
+        def mm(a):
+            lo, hi = a.amin((1, 2, 3), keepdim=True), a.amax((1, 2, 3), keepdim=True)
+            return (a - lo) / (hi - lo + 1e-8)
+        s = s if order else mm(s)
+        s = F.interpolate(s, size=size, mode="bilinear", align_corners=align_corners)
+        return (mm(s) if order else s)[:, 0]
+    return text_guided
+
+
+def agft_scaled(inv_tau=None, reduce_classes=False):
+    def loss_fn(f, x, x_adv, p, fixed, args):
+        q = clip.cosine_logits(f(x_adv), fixed.text, inv_tau or args.inv_tau).log_softmax(1)
+        return -(p * q).mean(1).mean() if reduce_classes else -(p * q).sum(1).mean()
+    return loss_fn
+
+
+def no_grad_tecoa(f, x, x_adv, y, fixed, args):
+    with torch.no_grad():
+        return tecoa.loss_fn(f, x, x_adv, y, fixed, args)
+
+
+WRONG = [  # exercise, a wrong implementation, a word of the hint it must get
+    ("pgd", wrong_pgd(project=False), "eps-ball"),
+    ("pgd", wrong_pgd(clamp=False), "clamp"),
+    ("pgd", lambda m, x, y, e, a, s, rand_init=True: attacks.pgd(m, x, y, e, a, s, targeted=True, rand_init=rand_init),
+     "direction"),
+    ("pgd", lambda m, x, y, e, a, s, rand_init=True: attacks.pgd(m, x, y, e, a, s - 1, rand_init=rand_init), "steps"),
+    ("pgd", wrong_pgd(always_random=True), "random start"),
+    ("pgd", lambda m, x, y, e, a, s, rand_init=True: x.clone(), "hardly moves"),
+    ("tecoa_loss", lambda f, x, xa, y, fx, a: F.cross_entropy(clip.cosine_logits(f(xa), fx.text, 1.0), y), "scale"),
+    ("tecoa_loss", lambda f, x, xa, y, fx, a: F.cross_entropy(clip.cosine_logits(f(xa), fx.text, 100.0), y,
+                                                              reduction="sum"), "reduction"),
+    ("tecoa_loss", lambda f, x, xa, y, fx, a: tecoa.loss_fn(f, x, x, y, fx, a), "input"),
+    ("tecoa_loss", no_grad_tecoa, "no gradient reaches f"),
+    ("agft_targets", lambda x, y, fx, a: clip.cosine_logits(fx.f0(x), fx.text, a.inv_tau).softmax(1), "gamma is left"),
+    ("agft_targets", lambda x, y, fx, a: clip.cosine_logits(fx.f0(x), fx.text, a.gamma * a.inv_tau).softmax(0),
+     "wrong axis"),
+    ("agft_targets", lambda x, y, fx, a: y, "hard labels"),
+    ("agft_loss", agft_scaled(reduce_classes=True), "Eq. 9"),
+    ("agft_loss", agft_scaled(inv_tau=100.0), "not CLIP's 100"),
+    ("agft_loss", lambda f, x, xa, p, fx, a: agft.loss_fn(f, x, x, p, fx, a), "input"),
+    ("agft_loss", lambda f, x, xa, p, fx, a: agft.loss_fn(fx.f0, x, xa, p, fx, a), "which model"),
+    ("kl", lambda t, z: pmg_aft.kl(z, t), "direction"),
+    ("kl", lambda t, z: F.kl_div(z.log_softmax(1), t.log_softmax(1), reduction="mean", log_target=True),
+     "reduction='mean'"),
+    ("pmg_aft_loss", wrong_pmg(general_x="clean"), "clean vs adversarial"),
+    ("pmg_aft_loss", wrong_pmg(clean_enc="f0"), "teacher of L_general only"),
+    ("pmg_aft_loss", wrong_pmg(detach=True), "gradient differs"),
+    ("pmg_aft_loss", wrong_pmg(frozen=False), "a gradient reaches f0"),
+    ("text_guided", wrong_map(order=True), "normalisation order"),
+    ("text_guided", wrong_map(per_token=True), "dim=-1"),
+    ("text_guided", wrong_map(align_corners=True), "align_corners=True"),
+    ("text_guided", lambda tokens, text, size: attention.text_guided(tokens, text, size)[:, None], "drop the channel"),
+]
+
+
+@pytest.mark.parametrize("name", list(lab.grade.EXERCISES))
+def test_lab_grader_passes_the_answer_key(name):
+    assert lab.grade.grade(name, lab.grade.EXERCISES[name][0]) == ("PASS", "")
+
+
+@pytest.mark.filterwarnings("ignore:reduction")  # F.kl_div's warning on reduction="mean", the mistake tested
+@pytest.mark.parametrize("name, fn, word", WRONG, ids=[f"{n}-{w}" for n, _, w in WRONG])
+def test_lab_grader_names_the_mistake(name, fn, word):
+    status, hint = lab.grade.grade(name, fn)
+    assert status == "FAIL" and word in hint, hint
+
+
+def test_lab_exercises_start_empty_and_the_command_says_so():
+    import lab.exercises
+    assert set(lab.grade.EXERCISES) <= set(vars(lab.exercises))
+    assert lab.grade.grade("kl", lab.exercises.kl)[0] == "TODO"
+    assert lab.grade.main(["--key", "kl", "pgd"]) == 0 and lab.grade.main(["kl"]) == 1
+    with pytest.raises(SystemExit):
+        lab.grade.main(["nope"])
