@@ -41,7 +41,7 @@ def world():
                            x_adv=(x + 16 / 255 * torch.randn_like(x).sign()).clamp(0, 1),
                            fixed=SimpleNamespace(text=F.normalize(torch.randn(D) + 0.1 * torch.randn(C, D), dim=-1),
                                                  f0=f0),
-                           args=SimpleNamespace(gamma=0.4, inv_tau=180.0, alpha=0.7, beta=1.3))
+                           args=SimpleNamespace(gamma=0.4, inv_tau=180.0, alpha=0.7, beta=1.3, loss="ce"))
 
 
 def loss_of(out):
