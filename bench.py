@@ -129,7 +129,7 @@ def bench_method(method, args, run):
             t = mod.training_targets(x, y, m, margs)
         target_passes = counter.take()
         t0 = sync(run.device)
-        with run.attack_autocast():
+        with run.attack_autocast(), harness.input_grad_only(encoder):
             x_adv = mod.train_attack(f, x, t, m, margs)
         attack_seconds.append(sync(run.device) - t0)
         attack_passes = counter.take()
