@@ -10,6 +10,8 @@ steps are not timed. Passes count image-encoder passes over the batch (fine-tune
 attack's, and all others (per-batch targets and the loss), which the AGFT paper's Table 10 counts.
 """
 import importlib
+import math
+import os
 import resource
 import time
 from types import SimpleNamespace
@@ -175,6 +177,36 @@ def bench_eval(args, run):
     return args.batch_size / (sync(run.device) - t0)
 
 
+def bench_pipeline(resolution, n=64, size=(500, 375)):
+    """Images/s of one data-loading worker: decode a size[0] x size[1] JPEG (ImageNet's typical size), bicubic resize,
+    centre crop, to a tensor; the uint8 path the loaders use (data.image_transform) and the float ToTensor one."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    import data
+    rng = np.random.default_rng(0)
+    uint8 = data.image_transform(resolution)
+    as_float = T.Compose([*uint8.transforms[:-1], T.ToTensor()])
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(n):  # smooth noise: JPEG-compresses like a photo, not like white noise
+            small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+            path = os.path.join(tmp, f"{i}.jpg")
+            Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=90)
+            paths.append(path)
+        rates = {}
+        for name, tf in (("float", as_float), ("uint8", uint8)):
+            tf(data.load_image(paths[0]))
+            t0 = time.perf_counter()
+            for path in paths:
+                tf(data.load_image(path))
+            rates[name] = n / (time.perf_counter() - t0)
+    return rates
+
+
 def parser():
     """bench.py's flags; every number has a range, checked (one line) when parsed."""
     p = harness.Parser(__doc__)
@@ -206,6 +238,12 @@ def main(argv=None):
                  r["fwd/bwd after attack"], f"{r['TFLOP/s']:.2f}"] + ([f"{100 * r['TFLOP/s'] / peak:.1f}"] if peak else [])
         print("| " + " | ".join(cells) + " |")
     print(f"\nPGD-20 evaluation: {bench_eval(args, run):.1f} img/s")
+    r = build(args.model, "cpu").visual.input_resolution
+    rates = bench_pipeline(r)
+    fastest = max(row["img/s"] for row in rows)
+    print(f"input pipeline, one worker (one process, {torch.get_num_threads()} threads), 500x375 JPEG -> {r}x{r}: "
+          f"{rates['uint8']:.0f} img/s as uint8 (the loaders'), {rates['float']:.0f} img/s as float; the fastest step "
+          f"above ({fastest:.1f} img/s) needs {math.ceil(fastest / rates['uint8'])} worker(s) per process")
 
 
 if __name__ == "__main__":

@@ -641,7 +641,8 @@ def parser():
     add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
     add("--batch-size", type=harness.POSITIVE, default=128)
-    add("--workers", type=harness.COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
+    add("--workers", type=harness.COUNT, help="data-loading processes (default: up to 8, the CPUs per process less one; 0 with --toy, "
+        "whose sets live in memory)")
     add("--out-dir", default="runs/eval")
     add("--save-examples", type=harness.COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
@@ -668,7 +669,7 @@ def main(argv=None):
         clip.loader.check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
         del encoder_sd
     if args.workers is None:
-        args.workers = 0 if args.toy else 4
+        args.workers = 0 if args.toy else harness.default_workers()
     if args.eps is None:
         args.eps = toy.EPS if args.toy else 1 / 255
     if args.step_size is None:

@@ -462,6 +462,12 @@ def training_parser(doc):
     return p
 
 
+def default_workers():
+    """Data-loading processes per training or evaluation process: up to 8, the CPUs shared by the processes here."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
 def parse_args(p, argv, method, paper, toy):
     """The flags of `p`, their defaults the paper's setting `paper` (with --toy: the toy world's preset and the
     script's `toy`); a flag given on the command line always wins over either. Rules between flags are checked here,
@@ -470,7 +476,7 @@ def parse_args(p, argv, method, paper, toy):
     pre.add_argument("--toy", action="store_true")
     toy_run = pre.parse_known_args(argv)[0].toy
     preset = {**paper, **TOY_WORLD, **toy} if toy_run else dict(paper, eval_sets=",".join(data.ZERO_SHOT_SETS),
-                                                                eval_baseline=False, eval_every=0, workers=8)
+                                                                eval_baseline=False, eval_every=0, workers=default_workers())
     preset["out_dir"] = os.path.join("runs", method + ("-toy" if toy_run else ""))
     actions = [a for a in p._actions if a.default is not argparse.SUPPRESS]  # all but --help
     p.set_defaults(**{k: v for k, v in preset.items() if k in {a.dest for a in actions}})
