@@ -200,22 +200,25 @@ def apgd_run(model, x, y, eps, steps, loss_fn, target, rho):
         x_prev, x_adv = x_adv, project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev), x, eps)
         last = loss
         loss, grad, wrong = loss_grad(x_adv)
-        x_out[wrong] = x_adv[wrong]
+        x_out = torch.where(wrong.view(view), x_adv, x_out)  # masks by torch.where: no host sync per step
         fooled |= wrong
         increases += (loss > last).float()
         better = loss > loss_best
-        x_best[better], grad_best[better], loss_best[better] = x_adv[better], grad[better], loss[better]
+        b = better.view(view)
+        x_best, grad_best = torch.where(b, x_adv, x_best), torch.where(b, grad, grad_best)
+        loss_best = torch.where(better, loss, loss_best)
         since += 1
         if since == interval:
             # halve the step and restart from the best point where the loss rose in at most rho of the steps
             # since the last checkpoint, or where it was not halved last time and the best loss did not improve
             halve = (increases <= rho * interval) | (~reduced_at_check & (best_at_check >= loss_best))
-            step[halve] /= 2
-            x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
+            h = halve.view(view)
+            step, x_adv = torch.where(h, step / 2, step), torch.where(h, x_best, x_adv)
+            grad = torch.where(h, grad_best, grad)
             reduced_at_check, best_at_check = halve, loss_best.clone()
             since, increases = 0, torch.zeros_like(loss)
             interval = max(interval - shrink, min_interval)
-    x_out[~fooled] = x_best[~fooled]
+    x_out = torch.where(fooled.view(view), x_out, x_best)
     return x_out.detach(), fooled, loss_best
 
 
@@ -356,8 +359,8 @@ def fab_run(model, x, y, target, steps, alpha_max, eta, beta):
         wrong = predict(model, x_k).argmax(1) != y
         dist = (x_k - x).flatten(1).abs().amax(1)
         better = wrong & (dist < best_dist)
-        best[better], best_dist[better] = x_k[better], dist[better]
-        x_k[wrong] = x[wrong] + beta * (x_k[wrong] - x[wrong])
+        best, best_dist = torch.where(better.view(view), x_k, best), torch.where(better, dist, best_dist)
+        x_k = torch.where(wrong.view(view), x + beta * (x_k - x), x_k)  # no host sync per step
     return best, best_dist
 
 

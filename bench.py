@@ -10,6 +10,8 @@ steps are not timed. Passes count image-encoder passes over the batch (fine-tune
 attack's, and all others (per-batch targets and the loss), which the AGFT paper's Table 10 counts.
 """
 import importlib
+import math
+import os
 import resource
 import time
 from types import SimpleNamespace
@@ -84,6 +86,15 @@ def build(name, device):
     return clip.CLIP(*CONFIGS[name]).to(device).eval()
 
 
+def sync(device):
+    """Wait for the device's queued work, then the time: every timer starts and stops on it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
+
+
 def peak_tflops(device):
     if device.type != "cuda":
         return None
@@ -112,13 +123,17 @@ def bench_method(method, args, run):
     x = torch.rand(args.batch_size, 3, r, r, device=run.device)
     y = torch.randint(args.classes, (args.batch_size,), device=run.device)
 
+    attack_seconds = []
+
     def step():  # the training scripts' loop body
         encoder.eval()
         with torch.no_grad(), run.autocast():
             t = mod.training_targets(x, y, m, margs)
         target_passes = counter.take()
-        with run.attack_autocast():
+        t0 = sync(run.device)
+        with run.attack_autocast(), harness.input_grad_only(encoder):
             x_adv = mod.train_attack(f, x, t, m, margs)
+        attack_seconds.append(sync(run.device) - t0)
         attack_passes = counter.take()
         encoder.train()
         with run.autocast():
@@ -132,18 +147,17 @@ def bench_method(method, args, run):
     for _ in range(args.warmup):
         step()
     if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
         torch.cuda.reset_peak_memory_stats(run.device)
-    t0 = time.perf_counter()
+    del attack_seconds[:]
+    t0 = sync(run.device)
     for _ in range(args.steps):
         attack_passes, passes = step()
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    ms = 1000 * (time.perf_counter() - t0) / args.steps
+    ms = 1000 * (sync(run.device) - t0) / args.steps
+    attack_ms = 1000 * sum(attack_seconds) / len(attack_seconds)
     with FlopCount() as flops:
         step()
     tflops = flops.total / 1e12 / (ms / 1000)
-    return {"method": method, "ms/step": ms, "img/s": args.batch_size / (ms / 1000), "peak GiB": peak_memory_gib(run.device),
+    return {"method": method, "ms/step": ms, "attack ms": attack_ms, "img/s": args.batch_size / (ms / 1000), "peak GiB": peak_memory_gib(run.device),
             "fwd/bwd after attack": f"{passes[0]:g}/{passes[1]:g}", "attack fwd/bwd": f"{attack_passes[0]:g}/{attack_passes[1]:g}",
             "TFLOP/s": tflops}
 
@@ -158,11 +172,39 @@ def bench_eval(args, run):
     y = torch.randint(args.classes, (args.batch_size,), device=run.device)
     with run.attack_autocast():
         attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 2)  # warm-up
-        t0 = time.perf_counter()
+        t0 = sync(run.device)
         attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 20)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    return args.batch_size / (time.perf_counter() - t0)
+    return args.batch_size / (sync(run.device) - t0)
+
+
+def bench_pipeline(resolution, n=64, size=(500, 375)):
+    """Images/s of one data-loading worker: decode a size[0] x size[1] JPEG (ImageNet's typical size), bicubic resize,
+    centre crop, to a tensor; the uint8 path the loaders use (data.image_transform) and the float ToTensor one."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    import data
+    rng = np.random.default_rng(0)
+    uint8 = data.image_transform(resolution)
+    as_float = T.Compose([*uint8.transforms[:-1], T.ToTensor()])
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(n):  # smooth noise: JPEG-compresses like a photo, not like white noise
+            small = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+            path = os.path.join(tmp, f"{i}.jpg")
+            Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=90)
+            paths.append(path)
+        rates = {}
+        for name, tf in (("float", as_float), ("uint8", uint8)):
+            tf(data.load_image(paths[0]))
+            t0 = time.perf_counter()
+            for path in paths:
+                tf(data.load_image(path))
+            rates[name] = n / (time.perf_counter() - t0)
+    return rates
 
 
 def parser():
@@ -188,14 +230,20 @@ def main(argv=None):
     rows = [bench_method(mth, args, run) for mth in ([args.method] if args.method else METHODS)]
     print(f"\n{args.model}, batch {args.batch_size}, {run.device} ({torch.cuda.get_device_name(run.device) if run.device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
           f"{str(run.dtype).replace('torch.', '')}{', compiled' if args.compile else ''}; training attack PGD-2")
-    cols = ["method", "ms/step", "img/s", "peak GiB", "attack fwd/bwd", "fwd/bwd after attack", "TFLOP/s"]
+    cols = ["method", "ms/step", "attack ms", "img/s", "peak GiB", "attack fwd/bwd", "fwd/bwd after attack", "TFLOP/s"]
     print("| " + " | ".join(cols) + (" | % of bf16 peak |" if peak else " |"))
     print("|" + "---|" * (len(cols) + bool(peak)))
     for r in rows:
-        cells = [r["method"], f"{r['ms/step']:.1f}", f"{r['img/s']:.1f}", f"{r['peak GiB']:.2f}", r["attack fwd/bwd"],
+        cells = [r["method"], f"{r['ms/step']:.1f}", f"{r['attack ms']:.1f}", f"{r['img/s']:.1f}", f"{r['peak GiB']:.2f}", r["attack fwd/bwd"],
                  r["fwd/bwd after attack"], f"{r['TFLOP/s']:.2f}"] + ([f"{100 * r['TFLOP/s'] / peak:.1f}"] if peak else [])
         print("| " + " | ".join(cells) + " |")
     print(f"\nPGD-20 evaluation: {bench_eval(args, run):.1f} img/s")
+    r = build(args.model, "cpu").visual.input_resolution
+    rates = bench_pipeline(r)
+    fastest = max(row["img/s"] for row in rows)
+    print(f"input pipeline, one worker (one process, {torch.get_num_threads()} threads), 500x375 JPEG -> {r}x{r}: "
+          f"{rates['uint8']:.0f} img/s as uint8 (the loaders'), {rates['float']:.0f} img/s as float; the fastest step "
+          f"above ({fastest:.1f} img/s) needs {math.ceil(fastest / rates['uint8'])} worker(s) per process")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def scan_images(ds, name, workers=16):
     """Raise DataError (one line) naming the dataset's unreadable image files and how many there are."""
     files = image_files(ds)
     key = hash(tuple(files))
-    if not files or key in _SCANNED:
+    if not files or key in _SCANNED or int(os.environ.get("LOCAL_RANK", 0)):  # torchrun: local rank 0 scans alone
         return
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(min(workers, len(files))) as pool:

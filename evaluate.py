@@ -64,15 +64,18 @@ def eval_subset(dataset, max_n, seed=0):
     return sub
 
 
+EPS0_IMAGES = 8  # images of the eps-0 sanity check: the attack must leave them exactly as they are
+
+
 def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", attack0=None):
     """Clean and robust top-1 accuracy (%) of `classifier` on `dataset` (robust: right on the clean image and on the
     attacked one; attack None: clean accuracy and n alone), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
-    can; they do not count), and (with attack0, the same attack at eps 0, run on the first batch) how many
-    predictions eps 0 changed (should be 0)."""
+    can; they do not count), and (with attack0, the same attack at eps 0, run by rank 0 on the first EPS0_IMAGES
+    images) on how many images eps 0 changed the prediction (should be none)."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
     loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
     progress = harness.Progress(run, f"  {name}", len(dataset))
-    clean = robust = raised = moved = n = eps0_changed = 0
+    clean = robust = raised = moved = n = eps0_changed = eps0_checked = 0
     for x, y in loader:
         x, y = data.to_device(x, run.device, dataset.resize_to), y.to(run.device)
         with torch.no_grad(), run.autocast():
@@ -82,11 +85,12 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         progress.update(len(y) * run.world)
         if attack is None:  # --attack none: clean accuracy alone
             continue
-        if attack0 is not None and n == len(y):  # the first batch
+        if attack0 is not None and n == len(y) and run.is_main:  # the first batch's first EPS0_IMAGES, one process
+            k = eps0_checked = min(EPS0_IMAGES, len(y))
             with run.attack_autocast():
-                x0 = attack0(classifier, x, y)
+                x0 = attack0(classifier, x[:k], y[:k])
             with torch.no_grad(), run.autocast():
-                eps0_changed = (classifier(x0).argmax(-1) != pred).sum().item()
+                eps0_changed = (classifier(x0).argmax(-1) != classifier(x[:k]).argmax(-1)).sum().item()
         with run.attack_autocast():
             x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
@@ -94,11 +98,15 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
         robust += ((pred == y) & (pred_adv == y)).sum().item()  # x is in its own eps-ball: clean-wrong is never robust
         raised += ((pred != y) & (pred_adv == y)).sum().item()
         moved += (x_adv != x).flatten(1).any(1).sum().item()
-    clean, robust, raised, moved, n, eps0_changed = run.all_sum([clean, robust, raised, moved, n, eps0_changed])
+    clean, robust, raised, moved, n, eps0_changed, eps0_checked = run.all_sum(
+        [clean, robust, raised, moved, n, eps0_changed, eps0_checked])
     if attack is None:
         return {"clean": 100 * clean / max(n, 1), "n": int(n)}
-    return {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
-            "raised": int(raised), "eps0_changed": int(eps0_changed)}
+    out = {"clean": 100 * clean / max(n, 1), "robust": 100 * robust / max(n, 1), "n": int(n), "perturbed": int(moved),
+           "raised": int(raised)}
+    if attack0 is not None:
+        out.update(eps0_changed=int(eps0_changed), eps0_checked=int(eps0_checked))
+    return out
 
 
 TARGETABLE = ["pgd", "mifgsm", "difgsm", "tifgsm", "nifgsm"]
@@ -177,12 +185,12 @@ def attack_config(name, eps, step_size, steps, apgd_steps=100, aa="seed"):
 
 def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0, attack0=None):
     """{dataset: {clean, robust, n, ...}} for the image encoder `encoder` (pixel space) and CLIP text tower `model`;
-    attack0 (the attack at eps 0) is checked on one batch per set."""
+    attack0 (the attack at eps 0) is checked on a few images of the first set (accuracy's eps0_changed)."""
     results = {}
     encoder.eval()
-    for name, ds in datasets.items():
+    for i, (name, ds) in enumerate(datasets.items()):
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
-        results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name, attack0)
+        results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name, None if i else attack0)
     return results
 
 
@@ -231,7 +239,7 @@ def sanity_checks(results, eps):
         if eps == 0 and r["robust"] != r["clean"]:
             failed.append(f"{name}: at eps 0 robust {r['robust']:.2f} != clean {r['clean']:.2f}")
         if r.get("eps0_changed"):
-            failed.append(f"{name}: the attack at eps 0 changed {r['eps0_changed']} predictions of one batch")
+            failed.append(f"{name}: the attack at eps 0 changed {r['eps0_changed']} of {r['eps0_checked']} predictions")
     return failed
 
 
@@ -677,7 +685,8 @@ def parser():
     add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
     add("--batch-size", type=harness.POSITIVE, default=128)
-    add("--workers", type=harness.COUNT, help="data-loading processes (default 4; 0 with --toy, whose sets live in memory)")
+    add("--workers", type=harness.COUNT, help="data-loading processes (default: up to 8, the CPUs per process less one; 0 with --toy, "
+        "whose sets live in memory)")
     add("--out-dir", default="runs/eval")
     add("--save-examples", type=harness.COUNT, default=0, metavar="N", help="write examples_<dataset>.png into --out-dir: N images "
         "of each set, clean, adversarial (the first attack) and the perturbation, with the predictions")
@@ -706,7 +715,7 @@ def main(argv=None):
         clip.loader.check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
         del encoder_sd
     if args.workers is None:
-        args.workers = 0 if args.toy else 4
+        args.workers = 0 if args.toy else harness.default_workers()
     if args.paper_row and args.paper_row not in published.PUBLISHED.get(args.protocol, {"rows": []})["rows"]:
         rows = published.PUBLISHED.get(args.protocol, {"rows": {}})["rows"]
         raise UsageError(f"--paper-row {args.paper_row}: no such row for --protocol {args.protocol} (rows: "

@@ -169,7 +169,8 @@ def check_datasets(names, data_root, train_set=None, scan=True):
     """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
     with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
     distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
-    so scripts call it before loading the model or training for hours."""
+    so scripts call it before loading the model or training for hours. Under torchrun local rank 0 alone reads the
+    headers; the others wait for it at load_model's barrier."""
     checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
     missing = []
     for name, train in checks:
@@ -359,13 +360,18 @@ def load_model(name, run):
     """The CLIP called `name` (clip.load's names and files, or "toy") on the run's device, eval mode, fp32.
 
     "toy": the toy CLIP from the cache (toy_cache_path), pre-trained there once under a lock while any other process
-    waits, and again if the file is unreadable. Under torchrun rank 0 loads first (a download, a pre-training) while
-    the others wait, then they read its file."""
+    waits, and again if the file is unreadable. A released model's download runs under a lock too (clip-download.lock
+    in cache_dir). Under torchrun rank 0 loads first (a download, a pre-training) while the others wait, then they
+    read its file."""
     def load():
+        log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        if name in clip.available_models():  # a download: one process at a time, the others then read its file
+            with file_lock(os.path.join(cache_dir(), "clip-download.lock"), log):
+                return clip.load(name)
         if name != "toy":
             return clip.load(name)
         toy.threads()
-        path, log = toy_cache_path(), lambda s: print(s, file=sys.stderr)
+        path = toy_cache_path()
         model = read_toy(path, log) if os.path.exists(path) else None
         if model is None:
             with file_lock(path + ".lock", log):
@@ -465,6 +471,12 @@ def training_parser(doc):
     return p
 
 
+def default_workers():
+    """Data-loading processes per training or evaluation process: up to 8, the CPUs shared by the processes here."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
 def parse_args(p, argv, method, paper, toy):
     """The flags of `p`, their defaults the paper's setting `paper` (with --toy: the toy world's preset and the
     script's `toy`); a flag given on the command line always wins over either. Rules between flags are checked here,
@@ -473,7 +485,7 @@ def parse_args(p, argv, method, paper, toy):
     pre.add_argument("--toy", action="store_true")
     toy_run = pre.parse_known_args(argv)[0].toy
     preset = {**paper, **TOY_WORLD, **toy} if toy_run else dict(paper, eval_sets=",".join(data.ZERO_SHOT_SETS),
-                                                                eval_baseline=False, eval_every=0, workers=8,
+                                                                eval_baseline=False, eval_every=0, workers=default_workers(),
                                                                 eval_eps=1 / 255)
     preset["out_dir"] = os.path.join("runs", method + ("-toy" if toy_run else ""))
     actions = [a for a in p._actions if a.default is not argparse.SUPPRESS]  # all but --help
@@ -587,8 +599,26 @@ def unlock_folder(out_dir):
 HELD_LOCKS = {}  # out_dir -> its lock, held by this process
 
 
+@contextlib.contextmanager
+def input_grad_only(module):
+    """The training attack's scope: `module`'s parameters need no gradient (eager autograd skips their matmuls anyway,
+    but a compiled backward computes every gradient it was traced with), restored afterwards. Under --compile the
+    attack and the loss get one compiled graph each."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def ddp(module, run):
-    """The module wrapped for data parallelism under torchrun (gradients all-reduced in backward)."""
+    """The module wrapped for data parallelism under torchrun (gradients all-reduced in backward). Under --compile it
+    wraps the compiled module, the order torch's guide "Where to apply torch.compile?" gives; DDP runs it inside its
+    forward, where dynamo splits the compiled graph at DDP's gradient buckets (its DDPOptimizer), so the all-reduce
+    still overlaps the backward."""
     if run.world == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -640,6 +670,7 @@ class TrainLog:
         resumed = resumed or {}
         self.history = [tuple(p) for p in resumed.get("step_loss", []) if p[0] <= step]
         self.accuracy = [tuple(p) for p in resumed.get("clean_accuracy", []) if p[0] < step]
+        self.pending = []  # (step, loss, terms) on the device since the last check_finite
         self.t0 = time.time()
         run.log(f"{args.method}: {args.model} on {args.train_set} ({len(train_set)} images, {len(train_set.classnames)} "
                 f"classes), steps {step}->{total} of {args.batch_size} images, eps {fmt_eps(args.eps)}, "
@@ -654,24 +685,40 @@ class TrainLog:
         self.run.log(f"step {step}: held-out clean accuracy (%, {PROBE_N} images each) " +
                      " ".join(f"{k} {v:.1f}" for k, v in acc.items()))
 
-    def check_finite(self, step, loss, terms):
-        """Stop (one line) on a NaN/inf loss in any process, before the update, so no weight is touched by it."""
-        if self.run.all_sum([float(torch.isfinite(loss.detach()))])[0] < self.run.world:
-            raise UsageError(f"loss is {loss.item()} at step {step} ({fmt_terms(terms)}); stopped before the update, "
-                             f"the last checkpoint in {self.args.out_dir} is kept; try a lower --lr")
+    def check_finite(self):
+        """The losses since the last check, read from the device at once (the training step itself never waits for
+        the device): stop (one line) if any process had a NaN/inf loss, naming its step. The updates after it are
+        never saved: Checkpoint.save checks first, so the checkpoint kept is the last one before that step."""
+        if not self.pending:
+            return
+        steps, losses, terms = zip(*self.pending)
+        self.pending = []
+        values = torch.stack([loss.float() for loss in losses]).tolist()
+        bad = self.run.all_sum([float(not math.isfinite(v)) for v in values])
+        if any(bad):
+            i = next(i for i, b in enumerate(bad) if b)
+            where = "" if not math.isfinite(values[i]) else " in another process"
+            raise UsageError(f"loss is {'not finite' if where else values[i]} at step {steps[i] - 1}{where} "
+                             f"({fmt_terms(terms[i])}); stopped, the last checkpoint in {self.args.out_dir} (saved "
+                             "before that step) is kept; try a lower --lr")
+        self.history += zip(steps, values)
 
     def curves(self):
         return {"step_loss": self.history, "eval_every": self.args.eval_every, "clean_accuracy": self.accuracy}
 
     def step(self, step, loss, terms, lr):
-        loss = loss.item()  # no extra wait: check_finite has synchronised on the loss already
-        self.history.append((step, loss))
-        if self.probe and (step % self.args.eval_every == 0 or step == self.total):
+        """After `step` steps: the loss stays on the device until a log or held-out step (check_finite)."""
+        self.pending.append((step, loss.detach(), {k: torch.as_tensor(v).detach() for k, v in terms.items()}))
+        probe = self.probe and (step % self.args.eval_every == 0 or step == self.total)
+        if step % self.args.log_every and step != self.total and not probe:
+            return
+        self.check_finite()
+        if probe:
             self.measure(step)
         if step % self.args.log_every and step != self.total:
             return
         rate = (step - self.start) * self.args.batch_size / (time.time() - self.t0)
-        self.run.log(f"step {step}/{self.total} | loss {loss:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
+        self.run.log(f"step {step}/{self.total} | loss {self.history[-1][1]:.4f} ({fmt_terms(terms)}) | lr {lr:.2e} | "
                      f"{rate:.1f} img/s | ETA {fmt_time((self.total - step) * self.args.batch_size / rate)}")
 
     def close(self):
@@ -724,7 +771,9 @@ class Checkpoint:
         return ckpt["step"]
 
     def save(self, step, log):
-        """Checkpoint after `step` steps, refusing (one line) weights that are not finite: the one kept is good."""
+        """Checkpoint after `step` steps, refusing (one line) a NaN/inf loss since the last check (log.check_finite)
+        and weights that are not finite: the one kept is good."""
+        log.check_finite()
         if not all(torch.isfinite(p).all() for p in self.model.visual.parameters()):
             raise UsageError(f"the weights are not finite after step {step}; stopped, the last checkpoint in "
                              f"{self.args.out_dir} is kept; try a lower --lr")

@@ -301,6 +301,11 @@ def test_bench_counts_each_methods_passes_and_writes_nothing(tmp_path, monkeypat
     assert after == {"tecoa": "1/1", "pmg_aft": "3/2", "tga_zsr": "3/2", "comp_tga": "3/2", "saft": "3/2", "agft": "2/1",
                      "fare": "2/1"}
     assert all(r[3] == "2/2" for r in rows.values())  # PGD-2
+
+
+    after = {m: r[5] for m, r in rows.items()}  # AGFT Table 10's forward/backward passes besides the attack
+    assert after == {"tecoa": "1/1", "pmg_aft": "3/2", "tga_zsr": "3/2", "comp_tga": "3/2", "saft": "3/2", "agft": "2/1"}
+    assert all(r[4] == "2/2" for r in rows.values())  # PGD-2
     assert os.listdir(tmp_path) == []
 
 
@@ -754,6 +759,7 @@ def test_offline_error_names_urls_and_paths(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network (test)")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(clip.loader, "RETRY_WAITS", (0, 0))  # tried three times, without the waits
     monkeypatch.setenv("NANOZSAR_CLIP_CACHE", str(tmp_path / "env"))
     with pytest.raises(clip.CLIPError) as e:
         clip.load("ViT-B/32")
@@ -3237,3 +3243,87 @@ def test_lab_exercises_start_empty_and_the_command_says_so():
     assert lab.grade.main(["--key", "kl", "pgd"]) == 0 and lab.grade.main(["kl"]) == 1
     with pytest.raises(SystemExit):
         lab.grade.main(["nope"])
+
+
+# ----------------------------------------------------------------------------- a fast first GPU run: no waits, no repeats
+
+
+def test_nan_loss_between_log_steps_stops_at_the_next_check(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    loss_fn = tecoa.loss_fn
+
+    def nan_at_step_3(f, x, x_adv, y, m, args, calls=[]):
+        calls.append(1)
+        loss, terms = loss_fn(f, x, x_adv, y, m, args)
+        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
+    monkeypatch.setattr(tecoa, "loss_fn", nan_at_step_3)
+    saved = []
+    monkeypatch.setattr(harness, "save_checkpoint", lambda path, obj, save=harness.save_checkpoint: (
+        saved.append(obj["step"]), save(path, obj)))
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--max-steps", "8",
+                                                         "--save-every", "2", "--log-every", "5"))
+    assert "nan at step 2" in err.lower() and "ce" in err
+    assert saved == [2]  # the check before the save at step 4 stopped the run: the updates after the NaN are not kept
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_the_training_attack_needs_no_parameter_gradient():
+    enc = clip.ImageEncoder(tiny_clip().visual)
+    enc.visual.conv1.weight.requires_grad_(False)  # a frozen part stays frozen
+    seen = []
+    with harness.input_grad_only(enc):
+        x_adv = attacks.pgd(lambda x: enc(x) @ torch.ones(enc(torch.rand(1, 3, 32, 32)).shape[1], 3),
+                            torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), 4 / 255, 1 / 255, 2)
+        seen = [p.requires_grad for p in enc.parameters()]
+    assert not any(seen) and x_adv.shape == (2, 3, 32, 32)
+    assert [p.requires_grad for p in enc.parameters()] == [n != "visual.conv1.weight" for n, _ in enc.named_parameters()]
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_one_process_per_machine_scans_the_images(tmp_path, monkeypatch):
+    root = tmp_path / "folder"
+    for name in ("a", "b"):
+        os.makedirs(root / name)
+        Image.new("RGB", (8, 8)).save(root / name / "0.png")
+    (root / "a" / "1.png").write_bytes(b"\x89PNG broken")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    data.load_dataset("imagefolder", str(root), 32)  # the others wait for local rank 0 (load_model's barrier)
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(data.DataError, match="1 of 3 images cannot be read"):
+        data.load_dataset("imagefolder", str(root), 32)
+
+
+def test_eps0_check_runs_once_on_a_few_images(tiny_ckpt, tiny_folder):
+    model = clip.load(tiny_ckpt)
+    run = harness.Run(torch.device("cpu"), torch.float32)
+    ds = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)["imagefolder"]
+    sizes = []
+    shifted = lambda m, x, y: (sizes.append(len(x)), (x + 0.5).clamp(0, 1))[1]  # noqa: E731  moves images at eps 0
+    res = evaluate.evaluate(clip.ImageEncoder(model.visual), model, {"one": ds, "two": ds},
+                            evaluate.make_attack("pgd", 8 / 255, 2 / 255, 1), run, attack0=shifted)
+    assert sizes == [evaluate.EPS0_IMAGES] and "eps0_changed" not in res["two"]
+    assert res["one"]["eps0_checked"] == evaluate.EPS0_IMAGES
+    if res["one"]["eps0_changed"]:
+        assert any("at eps 0 changed" in msg for msg in evaluate.sanity_checks(res, 8 / 255))
+
+
+def test_download_tries_again_after_a_server_error_not_after_a_404(tiny, tmp_path, monkeypatch, capsys):
+    blob = (tiny[1] / "tiny.pt").read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    monkeypatch.setitem(clip.loader.MODELS, "ViT-B/32", (sha, "vit_base_patch32_clip_224"))
+    monkeypatch.setattr(clip.loader, "RETRY_WAITS", (0, 0))
+    url = clip.loader.OPENAI_URL.format(sha256=sha, stem="ViT-B-32")
+    calls, ok = [], serve({url: blob})
+
+    def flaky(request, timeout=None):
+        calls.append(request.full_url)
+        if len(calls) < 3:
+            raise urllib.error.HTTPError(request.full_url, 503, "Service Unavailable", {}, None)
+        return ok(request, timeout)
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    clip.load("ViT-B/32", download_root=str(tmp_path / "a"))
+    assert calls == [url] * 3 and os.listdir(tmp_path / "a") == ["ViT-B-32.pt"]
+    calls.clear()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout=None: (calls.append(1), serve({})(request))[1])
+    with pytest.raises(clip.CLIPError, match="HTTP 404"):
+        clip.load("ViT-B/32", download_root=str(tmp_path / "b"))
+    assert len(calls) == 2  # OpenAI's URL and the mirror, once each

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -477,14 +478,30 @@ def fetch(name, download_root=None):
                 return path, f"{path} (cached download of {url})"
             tried.append(f"{path} (SHA-256 mismatch, ignored)")
     for url, path, expected in sources:
-        try:
-            download(url, path, expected)
-            return path, f"{url} (saved to {path})"
-        except Exception as e:  # offline, HTTP error, checksum mismatch, disk full...: try the next source
-            tried.append(f"{url} ({one_line(e)})")
+        for wait in (*RETRY_WAITS, None):
+            try:
+                download(url, path, expected)
+                return path, f"{url} (saved to {path})"
+            except Exception as e:  # offline, HTTP error, checksum mismatch, disk full...: again, then the next source
+                if wait is None or not transient(e):
+                    tried.append(f"{url} ({one_line(e)})")
+                    break
+                print(f"clip: {url}: {one_line(e)}; trying again in {wait:g} s", file=sys.stderr)
+                time.sleep(wait)
     raise CLIPError(f"could not get {name}: tried {'; '.join(tried)}. Download one of these by hand and put it at "
                     f"{sources[0][1]} (OpenAI's file) or {sources[1][1]} (the mirror's file), "
                     f"or pass a file path to clip.load")
+
+
+RETRY_WAITS = (2, 10)  # seconds before the 2nd and 3rd try of a source, after a transient error
+
+
+def transient(e):
+    """An error that may pass: a server error (HTTP 5xx, 429), a timeout or a dropped connection; not a 4xx answer or
+    a checksum mismatch."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code >= 500 or e.code == 429
+    return isinstance(e, (urllib.error.URLError, TimeoutError, ConnectionError)) or "incomplete" in str(e)
 
 
 def download(url, path, expected_sha256=None):
