@@ -170,10 +170,9 @@ def bench_eval(args, run):
     r = model.visual.input_resolution
     x = torch.rand(args.batch_size, 3, r, r, device=run.device)
     y = torch.randint(args.classes, (args.batch_size,), device=run.device)
-    with run.attack_autocast():
-        attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 2)  # warm-up
-        t0 = sync(run.device)
-        attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 20)
+    attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 2)  # warm-up; fp32, as evaluate.py attacks
+    t0 = sync(run.device)
+    attacks.pgd(classifier, x, y, 1 / 255, 1 / 255, 20)
     return args.batch_size / (sync(run.device) - t0)
 
 

@@ -87,12 +87,10 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
             continue
         if attack0 is not None and n == len(y) and run.is_main:  # the first batch's first EPS0_IMAGES, one process
             k = eps0_checked = min(EPS0_IMAGES, len(y))
-            with run.attack_autocast():
-                x0 = attack0(classifier, x[:k], y[:k])
+            x0 = attack0(classifier, x[:k], y[:k])
             with torch.no_grad(), run.autocast():
                 eps0_changed = (classifier(x0).argmax(-1) != classifier(x[:k]).argmax(-1)).sum().item()
-        with run.attack_autocast():
-            x_adv = attack(classifier, x, y)
+        x_adv = attack(classifier, x, y)  # in fp32 under --dtype bf16 too: a bf16 attack is weaker (performance.md)
         with torch.no_grad(), run.autocast():
             pred_adv = classifier(x_adv).argmax(-1)
         robust += ((pred == y) & (pred_adv == y)).sum().item()  # x is in its own eps-ball: clean-wrong is never robust
@@ -577,8 +575,7 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
         x, y = next(iter(data.make_loader(eval_subset(ds, n, seed=1), n)))
         x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
-        with run.attack_autocast():
-            x_adv = attack(classifier, x, y)
+        x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
             pred, pred_adv = classifier(x).argmax(-1), classifier(x_adv).argmax(-1)
         delta = 0.5 + (x_adv - x) / (2 * eps) if eps > 0 else torch.full_like(x, 0.5)
@@ -622,8 +619,7 @@ def save_attention(encoder, f0, model, attack, args, run):
     for f in (f0, encoder):
         f.eval()
         classifier = clip.ZeroShotClassifier(f, head)
-        with run.attack_autocast():
-            x_adv = attack(classifier, x, y)
+        x_adv = attack(classifier, x, y)
         for img in (x, x_adv):
             with torch.no_grad(), run.autocast():
                 tokens = f(img, all_tokens=True)
