@@ -118,34 +118,33 @@ def main(argv=None):
     ckpt = harness.Checkpoint(args, run, model, opt, scaler)
     step = ckpt.resume(total)  # 0 for a new run, else the checkpoint's step, its weights restored
     f = torch.compile(encoder) if args.compile else encoder
-    f_train = harness.ddp(f, run)  # the loss goes through DDP under torchrun; the attack uses f directly
+    f_train = harness.ddp(f, run)  # the loss goes through DDP (wrapping the compiled f) under torchrun; the attack f
     log = harness.TrainLog(args, run, model, train_set, total, step, encoder, ckpt.curves, evaluate.held_out_probe)
     while step < total:
         sampler.set_position(step)  # the data order is a function of the seed and the step: a resumed run replays it
         for x, y in loader:
             torch.manual_seed(args.seed + step * run.world + run.rank)  # per-step seed: the same attacks on resume
             lr = harness.set_lr(opt, step, total, args)
-            x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device)
+            x, y = data.to_device(x, run.device, train_set.resize_to), y.to(run.device, non_blocking=True)
 
             # the method's step: 1 targets, 2 attack, 3 loss, 4 backward, 5 SGD step
             encoder.eval()  # the attack sees the model in eval mode and differentiates w.r.t. the input only
             with torch.no_grad(), run.autocast():
                 targets = training_targets(x, y, fixed, args)  # 1
-            with run.attack_autocast():
+            with run.attack_autocast(), harness.input_grad_only(encoder):  # no parameter gradient, compiled or not
                 x_adv = train_attack(f, x, targets, fixed, args)  # 2
             encoder.train()
             with run.autocast():
                 loss, terms = loss_fn(f_train, x, x_adv, targets, fixed, args)  # 3
-            log.check_finite(step, loss, terms)  # NaN/inf: stop here, before the update, naming the step and terms
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # 4 (the scaler scales the loss for fp16 only)
             scaler.step(opt)  # 5
             scaler.update()
 
             step += 1
-            log.step(step, loss, terms, lr)
+            log.step(step, loss, terms, lr)  # the loss stays on the device; a NaN/inf stops the run at the next log
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step, log)  # refuses non-finite weights: the checkpoint kept is a good one
+                ckpt.save(step, log)  # refuses a NaN/inf loss since the last log step, and non-finite weights
             if step == total:
                 break
     log.close()
