@@ -1972,7 +1972,8 @@ def test_bad_inputs_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path):
     assert "found no valid file" in one_line_error(capsys, tecoa.main, base + ["--data-root", str(empty)]).lower()
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+def nan_loss_at_step_3(monkeypatch):
+    """tecoa.py's loss turns NaN at its third call (step 2), with its terms still finite."""
     loss_fn = tecoa.loss_fn
 
     def nan_at_step_3(f, x, x_adv, y, m, args, calls=[]):
@@ -1980,6 +1981,10 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_fo
         loss, terms = loss_fn(f, x, x_adv, y, m, args)
         return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
     monkeypatch.setattr(tecoa, "loss_fn", nan_at_step_3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    nan_loss_at_step_3(monkeypatch)
     err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--max-steps", "4",
                                                          "--save-every", "1"))
     assert "nan at step 2" in err.lower() and "ce" in err
@@ -2157,13 +2162,7 @@ def test_resnets_are_refused_before_any_download_scan_or_pretraining(capsys, tin
 
 
 def test_nan_loss_between_log_steps_stops_at_the_next_check(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
-    loss_fn = tecoa.loss_fn
-
-    def nan_at_step_3(f, x, x_adv, y, m, args, calls=[]):
-        calls.append(1)
-        loss, terms = loss_fn(f, x, x_adv, y, m, args)
-        return (loss * float("nan"), terms) if len(calls) == 3 else (loss, terms)
-    monkeypatch.setattr(tecoa, "loss_fn", nan_at_step_3)
+    nan_loss_at_step_3(monkeypatch)
     saved = []
     monkeypatch.setattr(harness, "save_checkpoint", lambda path, obj, save=harness.save_checkpoint: (
         saved.append(obj["step"]), save(path, obj)))
