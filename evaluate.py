@@ -585,7 +585,8 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
         path = os.path.join(out_dir, f"examples_{name}.png")
         pictures.save_grid(path, [[x[i], x_adv[i], delta[i]] for i in range(len(y))],
                   ["clean", f"adversarial, eps {fmt_eps(eps)}", "perturbation (scaled)"], notes, name)
-        run.log(f"wrote {path}")
+        wrong, wrong_adv = (pred != y).sum().item(), (pred_adv != y).sum().item()
+        run.log(f"wrote {path}: red (wrong) predictions, clean {wrong}/{len(y)}, adversarial {wrong_adv}/{len(y)}")
 
 
 # The text-guided attention map each method trains with, from the ground-truth class text: TGA-ZSR's A(x, t_y) with the

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import struct
+import re
 import subprocess
 import sys
 import types
@@ -1847,7 +1848,7 @@ def test_classes_must_be_two_and_give_distinct_prompts(tmp_path):
 # ----------------------------------------------------------------------------- pictures.py
 
 
-def test_save_examples_writes_a_grid_per_dataset(tiny_ckpt, tiny_folder, tmp_path):
+def test_save_examples_writes_a_grid_per_dataset(tiny_ckpt, tiny_folder, tmp_path, capsys):
     evaluate.main(["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
                    "--workers", "0", "--steps", "1", "--save-examples", "2", "--out-dir", str(tmp_path)])
     img = Image.open(tmp_path / "examples_imagefolder.png")
@@ -1856,6 +1857,8 @@ def test_save_examples_writes_a_grid_per_dataset(tiny_ckpt, tiny_folder, tmp_pat
     tile = lambda j: px[16:16 + 128, 4 + j * 132:4 + j * 132 + 128]  # noqa: E731  row 0, column j
     assert (tile(0) != 255).any() and not np.array_equal(tile(0), tile(1))  # an image; the attack changed it
     assert np.array_equal(tile(0)[::4, ::4], tile(0)[1::4, 1::4])  # upscaled x4, nearest neighbour
+    assert re.search(r"examples_imagefolder.png: red \(wrong\) predictions, clean [0-2]/2, adversarial [0-2]/2",
+                     capsys.readouterr().out)
 
 
 def test_curve_and_attention_pictures_after_two_steps(tiny_ckpt, tiny_folder, tmp_path):
