@@ -7,8 +7,8 @@ import io
 import json
 import os
 import pickle
-import struct
 import re
+import struct
 import subprocess
 import sys
 import types
