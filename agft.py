@@ -56,7 +56,7 @@ def setup_method(model, train_set, encoder, args, run):
     main() calls this before resuming a checkpoint, so f0 is the pre-trained encoder on a resumed run too.
     """
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device), f0=f0)
+    return SimpleNamespace(text=evaluate.text_head(model, train_set, args.train_set).to(run.device), f0=f0)
 
 
 def training_targets(x, y, fixed, args):
@@ -97,7 +97,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    data.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part

@@ -66,8 +66,8 @@ def setup_method(model, train_set, encoder, args, run):
     once), and the frozen pre-trained encoder f0."""
     harness.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
-    cls = clip.encode_text(model, [f"This is a photo of a {c}" for c in train_set.classnames]).to(run.device)
-    non = clip.encode_text(model, [f"This is not a photo of a {c}" for c in train_set.classnames]).to(run.device)
+    cls = evaluate.text_head(model, train_set, args.train_set, "This is a photo of a {}").to(run.device)
+    non = evaluate.text_head(model, train_set, args.train_set, "This is not a photo of a {}").to(run.device)
     return SimpleNamespace(text=cls, f0=f0, non=non)  # text: T, the head's and A_cls's
 
 
@@ -119,7 +119,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    data.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part

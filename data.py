@@ -10,6 +10,7 @@ import os
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+import clip
 from prompts import FLOWERS, PROMPTS, NamingError
 import toy
 
@@ -134,26 +135,18 @@ def scan_images(ds, name, workers=16):
 
 
 def check_classes(ds, name, folders=None, prompts=True):
-    """Raise DataError (one line) unless the set has at least two classes whose prompts CLIP can tell apart: two
-    class names that give the same tokens (after '_' -> space, case, spacing, or the cut at 77 tokens) name both
-    (folders: the class folders, to name them instead)."""
+    """Raise DataError (one line) unless the set has at least two classes whose prompts CLIP can tell apart (the
+    token ids at CLIP's 77 tokens, clip.check_distinct; folders: the class folders, to name them instead)."""
     names = list(ds.classnames)
     if len(names) < 2:
         raise DataError(f"{name}: {len(names)} class{'es' * (len(names) != 1)} ({', '.join(map(repr, folders or names))}); "
                         "zero-shot classification needs at least two")
-    if not prompts:
-        return
-    from clip.tokenizer import tokenize
-    tokens = tokenize([ds.template.format(c) for c in names], 77, truncate=True)
-    seen = {}
-    for i, row in enumerate(map(tuple, tokens.tolist())):
-        if row in seen:
-            j = seen[row]
-            what = "folders" if folders else "classes"
-            label = folders or names
-            raise DataError(f"{name}: the {what} {label[j]!r} and {label[i]!r} give the same prompt "
-                            f"{ds.template.format(names[i])!r} for CLIP; rename one of them")
-        seen[row] = i
+    try:
+        if prompts:
+            clip.check_distinct([[ds.template.format(c) for c in names]], folders or names, 77, name,
+                                "folders" if folders else "classes")
+    except clip.CLIPError as e:
+        raise DataError(str(e)) from None
 
 
 class EpochSampler(Sampler):
@@ -463,11 +456,23 @@ NEEDS = {"pcam": "h5py", "stanford_cars": "scipy"}  # optional packages torchvis
 
 
 def canonical_name(name):
-    """The set's name in SETS, or None: case, '-' and '_' do not matter ('ImageNet_R' is 'imagenet-r'), and
-    torchvision's class names are understood too ('OxfordIIITPet', 'StanfordCars')."""
+    """The set's name in SETS or toy.TASKS, or 'imagefolder', else None: case, '-' and '_' do not matter
+    ('ImageNet_R' is 'imagenet-r', 'Toy_Size' is 'toy_size'), and torchvision's class names are understood too
+    ('OxfordIIITPet', 'StanfordCars')."""
     def key(n):
         return n.lower().replace("-", "").replace("_", "")
-    return {key(n): n for n in SETS}.get({"oxfordiiitpet": "oxfordpets"}.get(key(name), key(name)))
+    names = {key(n): n for n in [*SETS, *toy.TASKS, "imagefolder"]}
+    return names.get({"oxfordiiitpet": "oxfordpets"}.get(key(name), key(name)))
+
+
+OWN_NAMES = {*toy.TASKS, "imagefolder"}  # sets with their own class names and template, whatever --prompts says
+
+
+def unprompted(names):
+    """The sets among `names` whose class names and template no prompt convention changes (OWN_NAMES), if that is
+    all of them (a --prompts for them alone would change nothing), else []."""
+    own = [n for n in names if canonical_name(n) in OWN_NAMES]
+    return own if len(own) == len(names) else []
 
 
 def where(name):
@@ -480,9 +485,9 @@ def where(name):
 def check_dataset(name, root, train=False, download=False):
     """Raise DataError (one line) unless the set's files are where load_dataset will look (or --download can fetch
     them). Cheap: reads no images, so evaluate.py runs it before loading the model."""
-    if name in toy.TASKS or name == "imagefolder":
-        return
     known = canonical_name(name)
+    if known in OWN_NAMES:
+        return
     if known is None:
         raise DataError(f"unknown dataset '{name}' (known: {', '.join(ZERO_SHOT_SETS + EXTRA_SETS)}, imagefolder, "
                         f"{', '.join(toy.TASKS)})")
@@ -505,6 +510,27 @@ def check_dataset(name, root, train=False, download=False):
                             f"(pip install {NEEDS[known]})") from None
 
 
+def check_datasets(names, data_root, train_set=None, scan=True):
+    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
+    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
+    distinct, every image file's header readable: scan_images). Reads no pixels of intact images and no model,
+    so scripts call it before loading the model or training for hours. Under torchrun local rank 0 alone reads the
+    headers; the others wait for it at harness.load_model's barrier."""
+    checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
+    missing = []
+    for name, train in checks:
+        try:
+            check_dataset(name, data_root, train)
+        except DataError as e:
+            missing.append((name, str(e)))
+    if missing:
+        more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
+        raise DataError(missing[0][1] + more)
+    for name, train in checks if scan else []:
+        if canonical_name(name) not in toy.TASKS:  # the toy sets are generated, not read
+            load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
+
+
 def load_dataset(name, root, resolution, train=False, download=False, resize_small=False, prompts="agft", scan=True):
     """The dataset called `name`: its training split if train, else the split the papers evaluate.
 
@@ -516,6 +542,7 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     and with scan every image file readable (scan_images)."""
     if (prompts or "agft") not in PROMPTS:
         raise DataError(f"unknown prompt convention '{prompts}' (known: {', '.join(PROMPTS)})")
+    name = canonical_name(name) or name
     if name in toy.TASKS:
         return toy.dataset(name, toy.TRAIN_SIZE if train else toy.EVAL_SIZE, toy.TRAIN_SEED if train else toy.EVAL_SEED)
     if name == "imagefolder":
@@ -543,13 +570,13 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
         raise DataError(f"{known}: could not read {path} ({type(e).__name__}: {msg}); {where(known)}") from None
     if len(ds) == 0:
         raise DataError(f"{known}: {path} holds no images; {where(known)}")
-    ds.template, names = PROMPTS[prompts or "agft"][known]
+    ds.convention, (ds.template, names) = prompts or "agft", PROMPTS[prompts or "agft"][known]
     try:
         ds.classnames = names(ds)
     except NamingError as e:
         raise DataError(str(e)) from None
     ds.resize_to = resolution if known == "tinyimagenet" or (known in SMALL_SETS and resize_small) else None
-    check_classes(ds, known, prompts=False)  # the papers' own names: ImageNet's "crane" and "maillot" come twice
+    check_classes(ds, known, prompts=False)  # the papers' own names (ds.convention): text heads warn of repeats
     if scan:
         scan_images(ds, known)
     return ds

@@ -45,13 +45,18 @@ from harness import UsageError, fmt_eps
 # ----------------------------------------------------------------------------- zero-shot evaluation
 
 
-def text_head(model, dataset):
-    """Normalised text features, one per class, encoded once: of the dataset's prompts, or where its template is a
-    tuple (an ensemble, CLIP's own zero-shot head) the mean over templates of the normalised features, renormalised."""
-    if isinstance(dataset.template, str):
-        return clip.encode_text(model, data.prompts(dataset))
-    per_template = [clip.encode_text(model, [t.format(c) for c in dataset.classnames]) for t in dataset.template]
-    return torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
+def text_head(model, dataset, name="", template=None):
+    """Normalised text features, one per class, encoded once: of the dataset's prompts (or `template`'s), or for a
+    tuple of templates (an ensemble) the mean of their normalised features, renormalised. Classes the model cannot
+    tell apart are refused, or warned of in a paper's own class names (clip.check_distinct)."""
+    if template is None and isinstance(dataset.template, str):
+        heads = [data.prompts(dataset)]
+    else:
+        heads = [[t.format(c) for c in dataset.classnames] for t in ([template] if template else dataset.template)]
+    clip.check_distinct(heads, dataset.classnames, model.context_length, name or "the text head",
+                        paper=bool(getattr(dataset, "convention", None)))
+    features = [clip.encode_text(model, head) for head in heads]
+    return features[0] if isinstance(template or dataset.template, str) else torch.nn.functional.normalize(torch.stack(features).mean(0), dim=-1)
 
 
 def eval_subset(dataset, max_n, seed=0):
@@ -61,6 +66,7 @@ def eval_subset(dataset, max_n, seed=0):
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
     sub = torch.utils.data.Subset(dataset, idx.tolist())
     sub.classnames, sub.template, sub.resize_to = dataset.classnames, dataset.template, dataset.resize_to
+    sub.convention = getattr(dataset, "convention", None)
     return sub
 
 
@@ -71,9 +77,10 @@ def accuracy(classifier, dataset, attack, run, batch_size, workers=0, name="", a
     """Clean and robust top-1 accuracy (%) of `classifier` on `dataset` (robust: right on the clean image and on the
     attacked one; attack None: clean accuracy and n alone), how many images the attack moved, how many clean-wrong images it made right (targeted attacks
     can; they do not count), and (with attack0, the same attack at eps 0, run by rank 0 on the first EPS0_IMAGES
-    images) on how many images eps 0 changed the prediction (should be none)."""
+    images) on how many images eps 0 changed the prediction (should be none). batch_size: the global batch, split
+    across processes."""
     shard = torch.utils.data.Subset(dataset, range(run.rank, len(dataset), run.world))
-    loader = data.make_loader(shard, batch_size, workers=workers, pin=run.device.type == "cuda")
+    loader = data.make_loader(shard, batch_size // run.world, workers=workers, pin=run.device.type == "cuda")
     progress = harness.Progress(run, f"  {name}", len(dataset))
     clean = robust = raised = moved = n = eps0_changed = eps0_checked = 0
     for x, y in loader:
@@ -187,7 +194,7 @@ def evaluate(encoder, model, datasets, attack, run, batch_size=128, workers=0, a
     results = {}
     encoder.eval()
     for i, (name, ds) in enumerate(datasets.items()):
-        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
+        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds, name).to(run.device))
         results[name] = accuracy(classifier, ds, attack, run, batch_size, workers, name, None if i else attack0)
     return results
 
@@ -408,7 +415,7 @@ def held_out_probe(model, args, run, n):
     on n fixed images of each --eval-sets set, in eval mode, with the text features of `model`'s text tower."""
     sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, n,
                          prompts=getattr(args, "prompts", None))
-    heads = {name: (ds, text_head(model, ds).to(run.device)) for name, ds in sets.items()}
+    heads = {name: (ds, text_head(model, ds, name).to(run.device)) for name, ds in sets.items()}
 
     @torch.no_grad()
     def probe(encoder):
@@ -572,7 +579,7 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
     predictions."""
     encoder.eval()
     for name, ds in datasets.items():
-        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds).to(run.device))
+        classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds, name).to(run.device))
         x, y = next(iter(data.make_loader(eval_subset(ds, n, seed=1), n)))
         x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
         x_adv = attack(classifier, x, y)
@@ -613,9 +620,9 @@ def save_attention(encoder, f0, model, attack, args, run):
     ds = attention_images(args, model.visual.input_resolution, args.save_attention)
     x, y = next(iter(data.make_loader(ds, len(ds))))
     x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
-    head = text_head(model, ds).to(run.device)
+    head = text_head(model, ds, args.train_set).to(run.device)
     if prompts:
-        cls, non = (clip.encode_text(model, [p.format(c) for c in ds.classnames]).to(run.device) for p in prompts)
+        cls, non = (text_head(model, ds, args.train_set, p).to(run.device) for p in prompts)
     columns, preds = [x], []
     for f in (f0, encoder):
         f.eval()
@@ -681,7 +688,7 @@ def parser():
     add("--step-size", type=harness.parse_eps, help="attack step size in [0, eps], e.g. 1/255 (default: the protocol's)")
     add("--steps", type=harness.COUNT, help="attack steps (default: the protocol's)")
     add("--max-per-dataset", type=harness.POSITIVE, help="evaluate a fixed, seeded subset of N images per dataset")
-    add("--batch-size", type=harness.POSITIVE, default=128)
+    add("--batch-size", type=harness.POSITIVE, default=128, help="global batch, split across processes (must divide by them)")
     add("--workers", type=harness.COUNT, help="data-loading processes (default: up to 8, the CPUs per process less one; 0 with --toy, "
         "whose sets live in memory)")
     add("--out-dir", default="runs/eval")
@@ -699,17 +706,24 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     harness.check_out_dir(p, args.out_dir)
+    harness.check_request(args)
     proto = PROTOCOLS[args.protocol]
-    ckpt = ckpt_model = trained = None  # trained: how a checkpoint of ours was trained, {} for anyone else's
+    ckpt = ckpt_model = trained = source = None  # trained: how a checkpoint of ours was trained, {} for anyone else's
     if args.checkpoint:  # its layout and weights are checked here, before any model is loaded or downloaded
         ckpt = clip.read_checkpoint(args.checkpoint)
         ckpt_model = ckpt.get("model") if isinstance(ckpt, dict) else None
         ours = isinstance(ckpt, dict) and isinstance(ckpt.get("method"), str) and isinstance(ckpt.get("args"), dict)
         trained = {"method": ckpt["method"], "args": ckpt["args"]} if ours else {}
         _, encoder_sd = clip.checkpoint_encoder(ckpt, args.checkpoint)
-    args.model = args.model or ckpt_model or ("toy" if args.toy else "ViT-B/32")
+    if not args.model:  # errors name where the model came from, not a --model that was not typed
+        args.model = ckpt_model or ("toy" if args.toy else "ViT-B/32")
+        source = (f"the \"model\" field of {args.checkpoint}" if ckpt_model else
+                  "the --toy default" if args.toy else "the default; --model not given")
+    if ckpt_model and source and not (args.model in clip.available_models() + ["toy"] or os.path.exists(args.model)):
+        raise UsageError(f"{args.checkpoint} names the model it was trained from {args.model!r} (its \"model\" "
+                         "field), which is neither a CLIP name nor a file here; pass --model with that model's name or file")
     if args.checkpoint:
-        clip.loader.check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model)
+        clip.loader.check_encoder_fits(encoder_sd, args.checkpoint, args.model, ckpt_model, source)
         del encoder_sd
     if args.workers is None:
         args.workers = 0 if args.toy else harness.default_workers()
@@ -717,6 +731,7 @@ def main(argv=None):
         rows = published.PUBLISHED.get(args.protocol, {"rows": {}})["rows"]
         raise UsageError(f"--paper-row {args.paper_row}: no such row for --protocol {args.protocol} (rows: "
                          f"{', '.join(rows) or 'none'})")
+    aa, chosen = args.aa, attack_names(args.attack or ("pgd" if args.toy else proto.get("attack", "pgd")))
     for key, toy_value, default in (("eps", toy.EPS, 1 / 255), ("attack", "pgd", "pgd"), ("aa", "seed", "seed"),
                                     ("max_per_dataset", None, None)):
         if getattr(args, key) is None:
@@ -725,26 +740,33 @@ def main(argv=None):
         args.step_size = min(args.eps / 4 if args.toy else proto["step_size"], args.eps)
     if args.steps is None:
         args.steps = 20 if args.toy else proto["steps"]
-    if args.resize_before_attack is None:
-        args.resize_before_attack = proto["resize_before_attack"] and not args.toy
-    args.prompts = args.prompts or proto["prompts"]
     harness.check_attack_flags(args.eps, args.step_size, args.steps)
-    chosen = attack_names(args.attack)
     if chosen == ["none"] and (args.check or args.save_examples):
         raise UsageError(f"--attack none measures clean accuracy alone; {'--check' if args.check else '--save-examples'}"
                          " needs an attack")
     if args.datasets == "all":
         names = data.ZERO_SHOT_SETS + data.EXTRA_SETS
     elif args.datasets:
-        names = [n.strip() for n in args.datasets.split(",")]
+        names = [data.canonical_name(n.strip()) or n.strip() for n in args.datasets.split(",")]
     else:
         names = toy.HELDOUT if args.toy else proto["datasets"]
+    for flag, unused, why in [  # flags given for what this evaluation does not run
+            (f"--aa {aa}", aa and "autoattack" not in chosen, f"it picks AutoAttack's version, and the attacks ({','.join(chosen)}) hold none"),
+            (f"--prompts {args.prompts}", args.prompts and data.unprompted(names), f"the sets {', '.join(names)} have "
+             "their own class names and template"),
+            (f"--{'' if args.resize_before_attack else 'no-'}resize-before-attack", args.resize_before_attack is not
+             None and not data.SMALL_SETS & set(names), f"it applies to {', '.join(sorted(data.SMALL_SETS))} only")]:
+        if unused:
+            raise harness.no_effect(flag, f"{why}; drop it")
+    if args.resize_before_attack is None:
+        args.resize_before_attack = proto["resize_before_attack"] and not args.toy
+    args.prompts = args.prompts or proto["prompts"]
     if not args.download:  # missing sets fail here, in one line, before minutes of model loading
-        harness.check_datasets(names, args.data_root)
+        data.check_datasets(names, args.data_root)
     run = harness.setup_run(args)
     model = harness.load_model(args.model, run)
     if args.checkpoint:
-        clip.load_visual(model, args.checkpoint, args.model, ckpt)
+        clip.load_visual(model, args.checkpoint, args.model, ckpt, source)
     sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
                          args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)

@@ -103,7 +103,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    data.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part

@@ -156,6 +156,32 @@ def check_out_dir(p, out_dir):
         p.error(f"--out-dir {out_dir} is a file, not a folder: choose another --out-dir")
 
 
+def check_request(args):
+    """UsageError (one line), before any work, for a run this machine or these processes cannot honour: a device
+    (CUDA, MPS) that is not here, --dtype fp16 off CUDA (its loss scaler runs on CUDA only: a CPU run would go
+    unscaled), bf16 on a GPU without it, a global --batch-size that does not divide by the processes under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must divide by the {world} "
+                         "processes (each takes an equal share)")
+    cuda = torch.cuda.is_available()
+    if args.device.startswith("cuda") and not cuda:
+        raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps but MPS (Apple's GPU) is not available here; use --device cpu")
+    on = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and cuda) else args.device.replace("auto", "cpu")
+    if args.dtype == "fp16" and on != "cuda":
+        raise UsageError(f"--dtype fp16 needs CUDA (its loss scaler runs there only), and this run is on {on}; use "
+                         "--dtype fp32 or bf16")
+    if args.dtype == "bf16" and on == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("--dtype bf16: this GPU does not support bf16; use --dtype fp16 (with loss scaling) or fp32")
+
+
+def no_effect(what, why):
+    """The UsageError for an input the user gave that the run would not use at all (accepted, it changes nothing)."""
+    return UsageError(f"{what} would change nothing: {why}")
+
+
 def check_attack_flags(eps, step_size, steps):
     """UsageError (one line) for attack flags that cannot work: steps below 0, a step larger than eps."""
     if steps < 0:
@@ -163,27 +189,6 @@ def check_attack_flags(eps, step_size, steps):
     if step_size > eps > 0:
         raise UsageError(f"step size {fmt_eps(step_size)} is larger than eps {fmt_eps(eps)}: every step would be "
                          "cut back by the projection; use a step size <= eps")
-
-
-def check_datasets(names, data_root, train_set=None, scan=True):
-    """One DataError line for the first of the sets (and the training set) that is missing, naming the others; then,
-    with scan, each set is listed and checked as load_dataset does (two classes or more, an image folder's prompts
-    distinct, every image file's header readable: data.scan_images). Reads no pixels of intact images and no model,
-    so scripts call it before loading the model or training for hours. Under torchrun local rank 0 alone reads the
-    headers; the others wait for it at load_model's barrier."""
-    checks = [(train_set, True)] * bool(train_set) + [(n, False) for n in names if n]
-    missing = []
-    for name, train in checks:
-        try:
-            data.check_dataset(name, data_root, train)
-        except data.DataError as e:
-            missing.append((name, str(e)))
-    if missing:
-        more = f" [also missing: {', '.join(n for n, _ in missing[1:])}]" if len(missing) > 1 else ""
-        raise data.DataError(missing[0][1] + more)
-    for name, train in checks if scan else []:
-        if name not in toy.TASKS:  # the toy sets are generated, not read
-            data.load_dataset(name, data_root, 32, train)  # the resolution is unused: no image is transformed
 
 
 def require_vit(model_name, method, visual=None):
@@ -240,14 +245,13 @@ class Run:
         return t.tolist()
 
 
-def setup_run(args, save_args=True):
-    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed; the output folder with args.json unless
-    save_args is False (for training, setup writes it once the run is accepted)."""
+def setup_run(args):
+    """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed (check_request first); the output folder,
+    if the command has one: locked by rank 0 (lock_folder: a second run into it is refused), with args.json."""
+    check_request(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} but CUDA is not available here; use --device cpu")
     if args.device.startswith("cuda") and world > 1:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     device = torch.device(args.device)
@@ -263,7 +267,8 @@ def setup_run(args, save_args=True):
         dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     torch.manual_seed(args.seed + rank)
     run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
-    if run.out_dir and run.is_main and save_args:
+    if run.out_dir and run.is_main:
+        lock_folder(run.out_dir)
         write_json(os.path.join(run.out_dir, "args.json"), vars(args))
     return run
 
@@ -345,16 +350,7 @@ def cache_dir():
     return os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar"))
 
 
-def toy_cache_path():
-    return os.path.join(cache_dir(), f"toy_clip-{toy.cache_key()}.pt")
-
-
-def read_toy(path, log):
-    try:
-        return clip.build_model(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # a truncated or foreign file: pre-train again rather than fail
-        log(f"toy CLIP: the cached weights {path} are unreadable ({type(e).__name__}); pre-training them again")
-        return None
+toy_cache_path = toy.cache_path  # the toy CLIP's weights, in cache_dir()
 
 
 def load_model(name, run):
@@ -373,10 +369,10 @@ def load_model(name, run):
             return clip.load(name)
         toy.threads()
         path = toy_cache_path()
-        model = read_toy(path, log) if os.path.exists(path) else None
+        model = toy.read_cache(path, log) if os.path.exists(path) else None
         if model is None:
             with file_lock(path + ".lock", log):
-                model = read_toy(path, lambda s: None) if os.path.exists(path) else None
+                model = toy.read_cache(path, lambda s: None) if os.path.exists(path) else None
                 if model is None:
                     log(f"toy CLIP: no weights at {path}; pre-training them once (a few minutes on one CPU thread)")
                     model = toy.pretrain(log=log)
@@ -403,7 +399,7 @@ TOY_WORLD = dict(model="toy", train_set=toy.TRAIN, eval_sets=",".join(toy.HELDOU
                  epochs=1, batch_size=64, warmup_steps=20, eps=toy.EPS, step_size=toy.EPS,
                  attack_steps=2, workers=0, eval_baseline=True, eval_every=50, prompts=None, eval_eps=toy.EPS)
 # Flags that change how a run runs or is evaluated, not what it trains: --resume may change them freely.
-RUN_ONLY = {"resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
+RUN_ONLY = {"typed", "resume", "allow_changed_flags", "out_dir", "data_root", "workers", "device", "dtype", "compile",
             "log_every", "save_every", "eval_every", "eval_baseline", "eval_sets", "eval_eps", "save_attention"}
 
 
@@ -497,6 +493,7 @@ def parse_args(p, argv, method, paper, toy):
     for a in actions:
         if a.dest not in given:
             setattr(args, a.dest, a.default)
+    args.typed = sorted(f"--{d.replace('_', '-')}" for d in given)  # what errors may name; not a training flag
     if "epochs" in given and "max_steps" not in given:
         args.max_steps = None  # an explicit --epochs wins over a preset's --max-steps
     if "step_size" not in given and "eps" in given:  # step = eps, as the papers train
@@ -512,26 +509,41 @@ def parse_args(p, argv, method, paper, toy):
     check_out_dir(p, args.out_dir)
     if args.allow_changed_flags and not args.resume:
         p.error("--allow-changed-flags only applies with --resume")
+    args.train_set = data.canonical_name(args.train_set) or args.train_set  # 'Toy', 'CIFAR10': as check_dataset reads
+    args.eval_sets = ",".join(data.canonical_name(n.strip()) or n.strip() for n in args.eval_sets.split(","))
+    own = data.unprompted([args.train_set, *args.eval_sets.split(",")])
+    if "prompts" in given and own:
+        raise no_effect(f"--prompts {args.prompts}", f"the training and evaluation sets ({', '.join(dict.fromkeys(own))})"
+                        " have their own class names and template; drop --prompts")
+    check_request(args)
     return args
+
+
+def untyped(args, key, sep):
+    """How an error says that the command line did not give a flag (args.typed): sep and whose value it is, else ''."""
+    typed = getattr(args, "typed", None)
+    if typed is None or f"--{key.replace('_', '-')}" in typed:
+        return ""
+    if key == "max_steps" and "--epochs" in typed:
+        return f"{sep}not typed: the --epochs you typed replaces it"
+    return f"{sep}not typed: the {'--toy preset' if args.toy else 'default'}'s"
+
+
+def length_flag(args):
+    """The flag that sets the run's length, with its value, for errors to name (saying so if it was not typed)."""
+    key = "max_steps" if args.max_steps else "epochs"
+    return f"--{key.replace('_', '-')} {getattr(args, key)}{untyped(args, key, ', ')}"
 
 
 # ----------------------------------------------------------------------------- training: the run's output folder
 
 
 def setup(args):
-    """Processes, device, precision and seed (setup_run), and the output folder, which holds one run: nothing
-    is written to it before the run is accepted (a checkpoint there needs --resume; --resume refuses changed flags
+    """Processes, device, precision and seed, and the output folder (setup_run), which holds one run: nothing is
+    written to it before the run is accepted (a checkpoint there needs --resume; --resume refuses changed flags
     without --allow-changed-flags), then a lock keeps a second run out and args.json is written."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch: it must divide by the {world} "
-                         "processes (each takes an equal share)")
     accept(args)
-    run = setup_run(args, save_args=False)
-    if run.is_main:
-        lock_folder(args.out_dir)
-        write_json(os.path.join(args.out_dir, "args.json"), vars(args))
-    return run
+    return setup_run(args)
 
 
 def accept(args):
@@ -547,14 +559,14 @@ def accept(args):
     stored = ckpt.get("args", {})
     if stored.get("method", args.method) != args.method:
         raise UsageError(f"--resume: {path} was written by {stored['method']}, not {args.method}")
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (stored: {stored[k]})" for k in vars(args)
-               if k in stored and k not in RUN_ONLY and stored[k] != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (stored: {stored[k]}{untyped(args, k, '; ')})"
+               for k in vars(args) if k in stored and k not in RUN_ONLY and stored[k] != getattr(args, k)]
     if changed and not args.allow_changed_flags:
         raise UsageError(f"--resume: flags differ from the run stored in {args.out_dir}: {', '.join(changed)}; pass "
                          "them as stored, or add --allow-changed-flags to continue with the new values")
     if not changed and ckpt.get("step", 0) >= ckpt.get("total", math.inf):
         raise UsageError(f"--resume: the run in {args.out_dir} is finished (step {ckpt['step']} of {ckpt['total']}): "
-                         "nothing to train; raise --max-steps or --epochs, with --allow-changed-flags")
+                         f"nothing to train at {length_flag(args)}; raise it, with --allow-changed-flags")
 
 
 def peek(path):
@@ -762,8 +774,8 @@ class Checkpoint:
             return 0
         at = peek(self.path)["step"]
         if at >= total:
-            raise UsageError(f"{self.path} is at step {at} and this run ends at step {total}: nothing to train; raise "
-                             "--max-steps or --epochs")
+            raise UsageError(f"{self.path} is at step {at} and this run ends at step {total} "
+                             f"({length_flag(self.args)}): nothing to train; raise it")
         ckpt = clip.load_visual(self.model, self.path, self.args.model)
         self.opt.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -773,10 +785,11 @@ class Checkpoint:
 
     def save(self, step, log):
         """Checkpoint after `step` steps, refusing (one line) a NaN/inf loss since the last check (log.check_finite)
-        and weights that are not finite: the one kept is good."""
+        and an encoder that computes no finite features (clip.encoder_fault): the one kept is good."""
         log.check_finite()
-        if not all(torch.isfinite(p).all() for p in self.model.visual.parameters()):
-            raise UsageError(f"the weights are not finite after step {step}; stopped, the last checkpoint in "
+        fault = clip.encoder_fault(self.model.visual)
+        if fault:
+            raise UsageError(f"the weights after step {step} {fault}; stopped, the last checkpoint in "
                              f"{self.args.out_dir} is kept; try a lower --lr")
         if self.run.is_main:
             save_checkpoint(self.path, {"visual": self.model.visual.state_dict(), "optimizer": self.opt.state_dict(),

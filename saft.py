@@ -88,6 +88,10 @@ def read_descriptions(path):
                                              for v in desc.values()):
         raise harness.UsageError(f"--descriptions {path}: expected a JSON object mapping each class name to a list of "
                                  "description strings (the format of SAFT's prompts/*.json)")
+    empty = [k for k, v in desc.items() if not all(d.strip() for d in v)]
+    if empty:
+        raise harness.UsageError(f"--descriptions {path}: {len(empty)} class(es) have an empty description string "
+                                 f"({', '.join(map(repr, empty[:5]))}): an empty text describes nothing; remove it")
     return desc
 
 
@@ -142,10 +146,18 @@ def setup_method(model, train_set, encoder, args, run):
         chosen = [[t.format(n) for t in TEMPLATES[:args.k]] for n in names]
     else:
         chosen, fell = select_descriptions(model, names, desc, args.k)
+        if len(fell) == len(names):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise harness.no_effect(f"--descriptions {source}", f"none of the {len(names)} classes ({shown}) has an "
+                                    f"entry with K = {args.k} descriptions or more in it, so every class would fall "
+                                    f"back to \"{FALLBACK}\"; check its class names")
         run.log(f"{args.method}: top {args.k} descriptions per class from {source}; {len(fell)} of "
                 f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to \"{FALLBACK}\" "
                 f"{args.k} times" + (f": {', '.join(fell)}" if fell else ""))
-    heads = torch.stack([clip.encode_text(model, [c[k] for c in chosen]) for k in range(args.k)]).to(run.device)
+    heads = [[c[k] for c in chosen] for k in range(args.k)]
+    clip.check_distinct(heads, names, model.context_length, f"{args.method} text heads", fix="give them distinct "
+                        "descriptions", paper=bool(getattr(train_set, "convention", None)))
+    heads = torch.stack([clip.encode_text(model, head) for head in heads]).to(run.device)
     f0 = copy.deepcopy(encoder).eval().requires_grad_(False)
     return SimpleNamespace(heads=heads, attention_text=heads.mean(0), chosen=chosen, f0=f0)
 
@@ -201,12 +213,14 @@ def get_args(argv=None):
     add_method_args(p)
     args = harness.parse_args(p, argv, "saft", PAPER, TOY)
     harness.require_vit(args.model, args.method)  # a ResNet is refused before any download, data scan or pre-training
+    if args.descriptions:
+        read_descriptions(args.descriptions)  # a file that is unreadable, or holds an empty description, too
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
-    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    data.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part

@@ -48,7 +48,7 @@ def add_method_args(p):
 
 def setup_method(model, train_set, encoder, args, run):
     """What the loss needs besides the batch: the text features T of the training classes, encoded once."""
-    return SimpleNamespace(text=clip.encode_text(model, data.prompts(train_set)).to(run.device))
+    return SimpleNamespace(text=evaluate.text_head(model, train_set, args.train_set).to(run.device))
 
 
 def training_targets(x, y, fixed, args):
@@ -89,7 +89,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    harness.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
+    data.check_datasets(args.eval_sets.split(","), args.data_root, args.train_set)  # fail now, not after training
     run = harness.setup(args)  # processes, device, precision; the output folder, accepted and locked
     model = harness.load_model(args.model, run)
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # f: [0,1] pixels -> features; the only trained part

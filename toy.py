@@ -259,6 +259,20 @@ def cache_path():
     return os.path.join(root, f"toy_clip-{cache_key()}.pt")
 
 
+def read_cache(path, log):
+    """The toy CLIP cached at path, or None (said by log) for a file that is unreadable or whose image encoder computes
+    no finite features (clip.encoder_fault): it is pre-trained again rather than trusted."""
+    try:
+        model = clip.build_model(torch.load(path, map_location="cpu", weights_only=True))
+        fault = clip.encoder_fault(model.visual)
+    except Exception as e:  # a truncated or foreign file
+        fault = f"are unreadable ({type(e).__name__})"
+    if fault:
+        log(f"toy CLIP: the cached weights {path} {fault}; pre-training them again")
+        return None
+    return model
+
+
 def threads():
     """One CPU thread for the toy world unless OMP_NUM_THREADS is set: on a small machine a second thread helps only
     while nothing else runs, and costs far more than it gives as soon as anything else does."""

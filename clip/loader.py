@@ -269,9 +269,35 @@ def model_from_state_dict(state_dict, path, **options):
                         f"{f' and {len(unknown) - 6} more' if len(unknown) > 6 else ''} (a non-OpenAI tower, e.g. "
                         "timm's ConvNeXt or a transformers text tower, is not built)")
     try:
-        return build_model(state_dict, **options)
+        model = build_model(state_dict, **options)
     except Exception as e:
         raise CLIPError(f"{path} does not fit the CLIP architecture: {one_line(e)}") from None
+    fault = encoder_fault(model.visual)
+    if fault:
+        raise CLIPError(f"{path}: the weights of its image encoder {fault}; the weights are broken")
+    return model
+
+
+@torch.no_grad()
+def encoder_fault(visual):
+    """None for a good image encoder, one that computes finite features; else what is wrong, a phrase after "the
+    weights": tensors that hold NaN or inf, or finite weights whose features are not (thrown to ~1e38 by a diverging
+    update). The features are those of one fixed image, in eval mode (the mode is restored), on the encoder's device."""
+    sd = visual.state_dict()
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        return f"hold NaN or inf in {len(broken)} of {len(sd)} tensors ({', '.join(broken[:3])}{more})"
+    p, r, training = next(visual.parameters()), visual.input_resolution, visual.training
+    x = torch.linspace(-2, 2, 3 * r * r, device=p.device, dtype=p.dtype).view(1, 3, r, r)  # normalised pixels
+    try:
+        features = visual.eval()(x)
+    finally:
+        visual.train(training)
+    if not torch.isfinite(features).all():
+        top = max(v.abs().max().item() for v in sd.values() if v.is_floating_point() and v.numel())
+        return f"are finite (up to {top:.1e}) but the features they compute are NaN or inf (on a fixed image)"
+    return None
 
 
 NON_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -662,9 +688,16 @@ def checkpoint_encoder(ckpt, path):
     return name, sd
 
 
-def check_encoder_fits(sd, path, model_name, ours=None):
-    """UsageError (one line) when --model names one of OpenAI's architectures and the checkpoint's encoder is
-    recognisably another one (a ViT for a ResNet, ViT-L/14 for ViT-B/32): before that model is downloaded."""
+def model_phrase(model_name, source=None):
+    """How an error names the model: "--model X" when typed, else "X (source)", e.g. the default's or the
+    checkpoint's "model" field, so that no error names a flag that was not given."""
+    return f"--model {model_name}" if source is None else f"{model_name} ({source})"
+
+
+def check_encoder_fits(sd, path, model_name, ours=None, source=None):
+    """UsageError (one line) when the model (--model, or where `source` says it came from) is one of OpenAI's
+    architectures and the checkpoint's encoder is recognisably another one (a ViT for a ResNet, ViT-L/14 for
+    ViT-B/32): before that model is downloaded."""
     if model_name not in available_models():
         return
     kind, held = vision_kind(model_name), describe_encoder(sd)
@@ -673,11 +706,12 @@ def check_encoder_fits(sd, path, model_name, ours=None):
     if (kind == "resnet" and not vit) or (kind == "vit" and held == f"a {model_name} image encoder"):
         return  # a ResNet's exact shapes are compared once the model is built (load_visual)
     suggest = ours or named or "<its CLIP>"
-    raise CLIPError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of --model {model_name} "
-                     f"(a {'ResNet' if kind == 'resnet' else model_name} image encoder); pass --model {suggest}")
+    raise CLIPError(f"{path} holds {held}{f' ({ours})' if ours else ''}, not the one of "
+                     f"{model_phrase(model_name, source)} (a {'ResNet' if kind == 'resnet' else model_name} image "
+                     f"encoder); pass --model {suggest}")
 
 
-def check_text_tower(ckpt, model, path, model_name):
+def check_text_tower(ckpt, model, path, model_name, source=None):
     """CLIPError when a whole-CLIP checkpoint's text tower is not --model's (another pre-training, e.g. LAION's):
     --checkpoint replaces the image encoder only, so its own text tower would be silently dropped."""
     top = strip_prefix(ckpt) if isinstance(ckpt, dict) and all(isinstance(k, str) for k in ckpt) else {}
@@ -687,21 +721,22 @@ def check_text_tower(ckpt, model, path, model_name):
             continue
         same = theirs.shape == ours.shape and (theirs.float() - ours).norm() <= 1e-3 * ours.norm() + 1e-6
         if not same:
-            raise CLIPError(f"{path} is a whole CLIP whose text tower is not --model {model_name}'s ({key} differs); "
-                            f"--checkpoint replaces the image encoder only: pass it as --model {path} instead (with "
-                            "its open_clip_config.json beside it if it is an open_clip model)")
+            raise CLIPError(f"{path} is a whole CLIP whose text tower is not {model_phrase(model_name, source)}'s "
+                            f"({key} differs); --checkpoint replaces the image encoder only: pass it as --model {path} "
+                            "instead (with its open_clip_config.json beside it if it is an open_clip model)")
 
 
-def load_visual(model, path, model_name, ckpt=None):
+def load_visual(model, path, model_name, ckpt=None, source=None):
     """Load the image encoder of a checkpoint into model.visual and return the checkpoint (read here unless given).
 
     Reads our scripts' checkpoints and the released ones of the other codebases (CHECKPOINT_FORMATS), says on stderr
-    which layout it found and which architecture it runs as, and refuses (UsageError) keys it cannot map, weights
-    that are not finite, encoders of another architecture and whole CLIPs with another text tower."""
+    which layout it found and which architecture it runs as, and refuses (CLIPError) keys it cannot map, encoders
+    of another architecture (source: where model_name came from, when not --model), whole CLIPs with another text
+    tower and weights that compute no finite features (encoder_fault)."""
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     name, sd = checkpoint_encoder(ckpt, path)
     if name.startswith("CLIP state dict"):  # only there are top-level keys text-tower keys
-        check_text_tower(ckpt, model, path, model_name)
+        check_text_tower(ckpt, model, path, model_name, source)
     expected = model.visual.state_dict()
     if not any(k.endswith(".ls_1.gamma") for k in expected):
         sd = fold_layer_scale(sd)
@@ -710,12 +745,17 @@ def load_visual(model, path, model_name, ckpt=None):
             missing = [k for k in expected if k not in sd]
             raise CLIPError(f"{path}: {name}, but {len(missing)} keys are missing: {', '.join(missing[:6])}")
         ours = ckpt.get("model") if name == "nanoZSAR checkpoint" else None
-        raise CLIPError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of --model "
-                         f"{model_name} ({describe_encoder(expected)}); pass --model {ours or '<its CLIP>'}")
+        raise CLIPError(f"{path} holds {describe_encoder(sd)}{f' ({ours})' if ours else ''}, not the one of "
+                         f"{model_phrase(model_name, source)} ({describe_encoder(expected)}); pass --model "
+                         f"{ours or '<its CLIP>'}")
     model.visual.load_state_dict(sd)
+    fault = encoder_fault(model.visual)
+    if fault:
+        raise CLIPError(f"{path}: {name}, whose weights {fault}; the weights are broken (a diverged run?): use an "
+                        "earlier checkpoint")
     act = {"quick_gelu": "QuickGELU", "gelu": "GELU"}[getattr(model, "activation", "quick_gelu")]
     how = ("the model it was trained from" if name == "nanoZSAR checkpoint" and ckpt.get("model") == model_name
            else "an image encoder's keys do not say its activation")
-    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}; run in --model {model_name}'s architecture: {act}, "
+    print(f"checkpoint: {path}: {name}, {describe_encoder(sd)}; run in {model_phrase(model_name, source)}'s architecture: {act}, "
           f"{model.visual.input_resolution} px, its normalisation and text tower ({how})", file=sys.stderr)
     return ckpt
