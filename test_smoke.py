@@ -251,6 +251,11 @@ def one_line_error(capsys, main, argv):
     return err
 
 
+def folder_state(path):
+    """{file: bytes} under path: equal before and after when nothing was written or overwritten."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def random_clip(config, seed=0):
     """A CLIP with random weights, BatchNorm included (so no residual branch is zero)."""
     torch.manual_seed(seed)
@@ -987,6 +992,37 @@ def test_download_tries_again_after_a_server_error_not_after_a_404(tiny, tmp_pat
     with pytest.raises(clip.CLIPError, match="HTTP 404"):
         clip.load("ViT-B/32", download_root=str(tmp_path / "b"))
     assert len(calls) == 2  # OpenAI's URL and the mirror, once each
+
+
+def test_a_good_encoder_computes_finite_features_not_only_finite_weights(tmp_path):
+    model = tiny_clip()
+    assert clip.encoder_fault(model.visual) is None
+    model.visual.train()
+    with torch.no_grad():
+        model.visual.conv1.weight.fill_(1e38)  # finite, but every feature overflows
+    assert "are finite (up to 1.0e+38) but the features they compute are NaN or inf" in clip.encoder_fault(model.visual)
+    assert model.visual.training  # the probe leaves the mode as it found it
+    state = tiny_clip().state_dict()
+    state["visual.proj"].fill_(1e38)
+    torch.save(state, tmp_path / "loud.pt")
+    with pytest.raises(clip.CLIPError, match="image encoder are finite .* features they compute are NaN or inf"):
+        clip.load(str(tmp_path / "loud.pt"))
+
+
+def test_check_distinct_compares_token_ids_at_the_context_length(capsys):
+    words = " ".join(["very"] * 14)  # past 16 tokens, not past 77
+    heads = [[f"a {words} red cat", f"a {words} blue dog", "a green frog"]]
+    clip.check_distinct(heads, ["red", "blue", "green"], 77, "mine")
+    with pytest.raises(clip.CLIPError, match=r"mine: the classes 'red' and 'blue' give the same prompt to the model .* "
+                                             r"cut at 16 tokens.*; rename one of them"):
+        clip.check_distinct(heads, ["red", "blue", "green"], 16, "mine")
+    with pytest.raises(clip.CLIPError, match="'Cat' and 'cat' give the same prompt to the model"):
+        clip.check_distinct([["a Cat.", "a  cat.", "a dog."]], ["Cat", "cat", "dog"], 77, "mine")
+    capsys.readouterr()
+    for _ in range(2):  # a paper's own list: a warning, once
+        clip.check_distinct([["a Cat.", "a  cat.", "a dog."]], ["Cat", "cat", "dog"], 77, "imagenet", paper=True)
+    err = capsys.readouterr().err
+    assert err.count("warning: imagenet: 'Cat' and 'cat' (classes 0 and 1) are the same text to the model") == 1
 
 
 # ----------------------------------------------------------------------------- toy.py: the toy world, the toy CLIP's cache
@@ -1845,6 +1881,16 @@ def test_classes_must_be_two_and_give_distinct_prompts(tmp_path):
     one_line_data_error("1 class", data.check_classes, ds, "cifar10", prompts=False)
 
 
+def test_set_names_are_case_insensitive_for_the_toy_sets_too():
+    assert [data.canonical_name(n) for n in ["Toy", "TOY_SIZE", "toy-colour", "ImageFolder", "CIFAR10"]] == [
+        "toy", "toy_size", "toy_colour", "imagefolder", "cifar10"]
+    data.check_datasets(["Toy_Colour"], None, "Toy")
+    assert data.load_dataset("TOY_COUNT", None, RES).classnames == toy.TASKS["toy_count"][1]
+    args = tecoa.get_args(["--toy", "--train-set", "TOY", "--eval-sets", "Toy_Size,toy-count"])
+    assert args.train_set == "toy" and args.eval_sets == "toy_size,toy_count"
+    assert data.unprompted(["Toy", "imagefolder"]) == ["Toy", "imagefolder"] and data.unprompted(["toy", "dtd"]) == []
+
+
 # ----------------------------------------------------------------------------- pictures.py
 
 
@@ -2200,6 +2246,125 @@ def test_one_process_per_machine_scans_the_images(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     with pytest.raises(data.DataError, match="1 of 3 images cannot be read"):
         data.load_dataset("imagefolder", str(root), 32)
+
+
+def test_a_checkpoint_is_good_only_if_its_encoder_computes_finite_features(capsys, tiny_ckpt, tiny_folder, tmp_path,
+                                                                          monkeypatch):
+    step = torch.amp.GradScaler.step
+
+    def blow_up_after_step_3(self, opt, calls=[]):  # the update throws the weights to ~1e38: finite, and broken
+        calls.append(1)
+        out = step(self, opt)
+        if len(calls) == 3:
+            with torch.no_grad():
+                opt.param_groups[0]["params"][1].fill_(1e38)
+        return out
+    monkeypatch.setattr(torch.amp.GradScaler, "step", blow_up_after_step_3)
+    run = tmp_path / "run"
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--max-steps", "4",
+                                                         "--save-every", "1"))
+    assert "weights after step 3 are finite" in err and "features they compute are NaN or inf" in err
+    good = torch.load(run / "ckpt.pt", weights_only=True)
+    assert good["step"] == 2
+    clip.load_visual(tiny_clip(), str(run / "ckpt.pt"), "x")  # the one kept is good
+    monkeypatch.undo()
+    good["visual"]["conv1.weight"].fill_(1e38)  # a checkpoint that a check of the weights alone let through
+    torch.save(good, run / "ckpt.pt")
+    before = folder_state(run)["ckpt.pt"]
+    capsys.readouterr()
+    for main, argv in [(tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--max-steps", "4", "--resume")),
+                       (evaluate.main, ["--model", tiny_ckpt, "--checkpoint", str(run / "ckpt.pt"), "--datasets",
+                                        "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+                                        "--out-dir", str(tmp_path / "eval")])]:
+        err = one_line_error(capsys, main, argv)
+        assert "features they compute are NaN or inf" in err and "use an earlier checkpoint" in err, err
+    assert folder_state(run)["ckpt.pt"] == before  # refused, not overwritten
+    assert sorted(os.listdir(tmp_path / "eval")) == ["args.json", "lock"]  # no results
+
+
+def test_inputs_that_would_change_nothing_are_refused(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    ev = ["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+          "--out-dir", str(tmp_path / "eval")]
+    for main, argv, words in [
+            (tecoa.main, ["--prompts", "agft"], "--prompts agft would change nothing: the training and evaluation sets "
+             "(imagefolder) have their own class names and template; drop --prompts"),
+            (saft.main, ["--descriptions", write_json(tmp_path / "empty.json", {"red thing": ["a", " "]})],
+             "1 class(es) have an empty description string ('red thing')"),
+            (evaluate.main, ev + ["--prompts", "tga"], "--prompts tga would change nothing"),
+            (evaluate.main, ev + ["--resize-before-attack"], "--resize-before-attack would change nothing: it applies "
+             "to cifar10, cifar100, stl10 only; drop it"),
+            (evaluate.main, ev + ["--aa", "standard"], "--aa standard would change nothing: it picks AutoAttack's "
+             "version, and the attacks (pgd) hold none; drop it")]:
+        argv = argv if main is evaluate.main else tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", *argv)
+        assert words in one_line_error(capsys, main, argv), (argv, words)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "run").exists()
+    err = one_line_error(capsys, saft.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--descriptions",
+                                                       write_json(tmp_path / "none.json", {"cat": ["a", "b", "c"]})))
+    assert "--descriptions" in err and "would change nothing: none of the 3 classes (blue thing, green thing, red thing) has" in err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()  # refused once the class names are known, before step 1
+
+
+def test_requests_that_cannot_be_honoured_are_refused_before_any_work(capsys, tiny_ckpt, tiny_folder, tmp_path,
+                                                                      monkeypatch):
+    ev = ["--model", tiny_ckpt, "--datasets", "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+          "--workers", "0", "--steps", "1", "--out-dir", str(tmp_path / "eval")]
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("work was done before the refusal"))
+        for main, argv in [(tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--dtype", "fp16")),
+                           (evaluate.main, ev + ["--dtype", "fp16"])]:
+            assert "--dtype fp16 needs CUDA (its loss scaler runs there only), and this run is on cpu" in (
+                one_line_error(capsys, main, argv))
+        if not torch.backends.mps.is_available():
+            assert "--device mps but MPS" in one_line_error(capsys, evaluate.main, ev + ["--device", "mps"])
+        m.setenv("WORLD_SIZE", "3")
+        assert "--batch-size 4 is the global batch: it must divide by the 3 processes" in one_line_error(
+            capsys, evaluate.main, ev + ["--batch-size", "4"])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+    with monkeypatch.context() as m:  # a GPU without bf16
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+        with pytest.raises(harness.UsageError, match="this GPU does not support bf16"):
+            harness.check_request(SimpleNamespace(batch_size=4, device="cuda", dtype="bf16"))
+    out = tmp_path / "eval"
+    out.mkdir()
+    holder = ("import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); "
+              "f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(out / "lock")], stdout=subprocess.PIPE, text=True)
+    try:  # a second evaluation into one output folder
+        assert other.stdout.readline().strip() == "held"
+        assert f"another run (pid {other.pid}) is writing to" in one_line_error(capsys, evaluate.main, ev)
+        assert sorted(os.listdir(out)) == ["lock"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_errors_name_the_flag_that_was_typed(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "final_evaluation", lambda *a, **k: None)
+    run = tmp_path / "run"
+    tecoa.main(tecoa_args(tiny_ckpt, tiny_folder, run, "--max-steps", "5"))  # 18 images, 4 steps an epoch
+    before = folder_state(run)
+    epochs = tecoa_args(tiny_ckpt, tiny_folder, run, "--resume", "--epochs", "1")
+    del epochs[epochs.index("--max-steps"):epochs.index("--max-steps") + 2]  # --epochs typed, --max-steps not
+    err = one_line_error(capsys, tecoa.main, epochs)
+    assert "--max-steps None (stored: 5; not typed: the --epochs you typed replaces it)" in err
+    assert "the run in" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--resume",
+                                                                          "--max-steps", "5"))
+    assert folder_state(run) == before  # refused before anything was written
+    err = one_line_error(capsys, tecoa.main, epochs + ["--allow-changed-flags"])
+    assert "at step 5 and this run ends at step 4 (--epochs 1): nothing to train" in err and "--max-steps" not in err
+    assert folder_state(run)["ckpt.pt"] == before["ckpt.pt"]
+    args = tecoa.get_args(["--toy"])
+    assert harness.length_flag(args) == "--max-steps 200, not typed: the --toy preset's"
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    ckpt["model"] = str(tmp_path / "moved" / "tiny_clip.pt")  # the file it was trained from, since moved
+    torch.save(ckpt, tmp_path / "moved.pt")
+    err = one_line_error(capsys, evaluate.main, ["--checkpoint", str(tmp_path / "moved.pt"), "--datasets",
+                                                 "imagefolder", "--data-root", tiny_folder, "--device", "cpu",
+                                                 "--out-dir", str(tmp_path / "eval")])
+    assert "names the model it was trained from" in err and "moved/tiny_clip.pt" in err and "(its \"model\" field)" \
+        in err and "pass --model" in err
+    assert not (tmp_path / "eval").exists()
 
 
 # ----------------------------------------------------------------------------- published.py: the papers' numbers
@@ -2673,6 +2838,32 @@ def test_eps0_check_runs_once_on_a_few_images(tiny_ckpt, tiny_folder):
     assert res["one"]["eps0_checked"] == evaluate.EPS0_IMAGES
     if res["one"]["eps0_changed"]:
         assert any("at eps 0 changed" in msg for msg in evaluate.sanity_checks(res, 8 / 255))
+
+
+def test_classes_the_model_cannot_tell_apart_are_refused_naming_them(capsys, tiny_ckpt, tmp_path):
+    words = " ".join(["very"] * 12)  # past the tiny CLIP's 16 tokens, not past the tokenizer's 77
+    root = tmp_path / "folder"
+    image_folder_of(root, [f"a_{words}_red_cat", f"a_{words}_blue_dog"], n=4)
+    assert len(data.load_dataset("imagefolder", str(root), RES)) == 8  # distinct at 77 tokens
+    run = tmp_path / "run"
+    err = one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, str(root), run))
+    assert "the classes" in err and "red cat" in err and "blue dog" in err and "cut at 16 tokens" in err
+    assert not (run / "ckpt.pt").exists() and not (run / "results.json").exists()
+    model = tiny_clip()
+    ds = SimpleNamespace(classnames=["crane", "dog", "crane"], template="This is a photo of a {}.")
+    with pytest.raises(clip.CLIPError, match="mine: the classes 'crane' and 'crane' give the same prompt"):
+        evaluate.text_head(model, ds, "mine")
+    ds.convention = "agft"  # a paper's own list: its repeat is the protocol, said loudly
+    assert evaluate.text_head(model, ds, "imagenet").shape == (3, 32)
+    assert "warning: imagenet: 'crane' (classes 0 and 2)" in capsys.readouterr().err
+    for module in (comp_tga, saft):  # their own heads go through the same check
+        with pytest.raises(clip.CLIPError, match="'red thing' and 'Red thing'"):
+            tga_setup(module, classes=["red thing", "Red thing", "blue thing"])
+    desc = {"red thing": ["a thing"] * 3, "green thing": ["a thing"] * 3, "blue thing": ["a", "b", "c"]}
+    with pytest.raises(clip.CLIPError, match="in all 3 text heads.*give them distinct descriptions"):
+        tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")
+    desc["green thing"][2] = "a green thing"
+    tga_setup(saft, "--descriptions", write_json(tmp_path / "d.json", desc), "--k", "3")  # one head apart: enough
 
 
 # ----------------------------------------------------------------------------- tecoa.py

@@ -52,8 +52,9 @@ def check_distinct(heads, names, context_length=77, what="", kind="classes", fix
     if not pairs:
         return
     a, b = pairs[0]
-    pa, pb = heads[0][a][:60], heads[0][b][:60]
-    same = f"the same prompt {pa!r}" if pa == pb else f"the same prompt to the model ({pa!r} and {pb!r})"
+    pa, pb = heads[0][a], heads[0][b]
+    same = (f"the same prompt {pa[:60]!r}" if pa == pb else f"the same prompt to the model ({pa!r} and {pb!r})"
+            if len(pa + pb) <= 120 else "the same prompt to the model")
     every = f" in all {len(heads)} text heads" if len(heads) > 1 else ""
     more = f" [and {len(pairs) - 1} more pair(s)]" if len(pairs) > 1 else ""
     if not paper:
