@@ -580,3 +580,22 @@ def load_dataset(name, root, resolution, train=False, download=False, resize_sma
     if scan:
         scan_images(ds, known)
     return ds
+
+
+def eval_subset(dataset, max_n, seed=0):
+    """A fixed, seeded subset of at most max_n samples, so quick runs are comparable."""
+    if not max_n or max_n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
+    sub = torch.utils.data.Subset(dataset, idx.tolist())
+    sub.classnames, sub.template, sub.resize_to = dataset.classnames, dataset.template, dataset.resize_to
+    sub.convention = getattr(dataset, "convention", None)
+    return sub
+
+
+def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
+    """{name: dataset} of the evaluation sets `names` (a fixed seeded subset of max_n images each if given); see
+    load_dataset."""
+    return {canonical_name(n) or n: eval_subset(load_dataset(n, data_root, resolution, download=download,
+                                                             resize_small=resize_small, prompts=prompts), max_n)
+            for n in names}

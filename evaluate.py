@@ -59,17 +59,6 @@ def text_head(model, dataset, name="", template=None):
     return features[0] if isinstance(template or dataset.template, str) else torch.nn.functional.normalize(torch.stack(features).mean(0), dim=-1)
 
 
-def eval_subset(dataset, max_n, seed=0):
-    """A fixed, seeded subset of at most max_n samples, so quick runs are comparable."""
-    if not max_n or max_n >= len(dataset):
-        return dataset
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_n].sort().values
-    sub = torch.utils.data.Subset(dataset, idx.tolist())
-    sub.classnames, sub.template, sub.resize_to = dataset.classnames, dataset.template, dataset.resize_to
-    sub.convention = getattr(dataset, "convention", None)
-    return sub
-
-
 EPS0_IMAGES = 8  # images of the eps-0 sanity check: the attack must leave them exactly as they are
 
 
@@ -252,7 +241,7 @@ def eps_sweep(encoder, model, datasets, name, attack_args, run, batch_size=128, 
     """--check: robust accuracy of attack `name` at eps/2, eps, 2 eps on the same n images of each set; a larger eps
     must never give a higher robust accuracy (one image of slack for random starts). Returns (sweep, failed)."""
     eps = attack_args["eps"]
-    sets = {k: eval_subset(ds, n, seed=1) for k, ds in datasets.items()}
+    sets = {k: data.eval_subset(ds, n, seed=1) for k, ds in datasets.items()}
     sweep = {}
     for e in (eps / 2, eps, min(2 * eps, 1.0)):
         torch.manual_seed(0)
@@ -400,21 +389,14 @@ def report(run, model_name, attack_cfg, results, baseline=None, names=None, over
     return save_results(run, out, failed, {attack_cfg["name"]: results}, protocol)
 
 
-def eval_datasets(names, data_root, resolution, max_n=None, download=False, resize_small=False, prompts=None):
-    """{name: dataset} (a fixed seeded subset of max_n images each if given); see data.load_dataset."""
-    return {data.canonical_name(n) or n: eval_subset(data.load_dataset(n, data_root, resolution, download=download,
-                                                                      resize_small=resize_small, prompts=prompts), max_n)
-            for n in names}
-
-
 # ----------------------------------------------------------------------------- the evaluation at the end of training
 
 
 def held_out_probe(model, args, run, n):
     """harness.TrainLog's held-out accuracy (--eval-every): a function encoder -> {set: zero-shot clean accuracy (%)}
     on n fixed images of each --eval-sets set, in eval mode, with the text features of `model`'s text tower."""
-    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, n,
-                         prompts=getattr(args, "prompts", None))
+    sets = data.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, n,
+                              prompts=getattr(args, "prompts", None))
     heads = {name: (ds, text_head(model, ds, name).to(run.device)) for name, ds in sets.items()}
 
     @torch.no_grad()
@@ -545,7 +527,7 @@ def final_evaluation(encoder, model, args, run):
     attack = make_attack(cfg["name"], cfg["eps"], cfg["step_size"], cfg["steps"])
     attack0 = make_attack(cfg["name"], 0.0, cfg["step_size"], cfg["steps"])  # sanity check: eps 0 changes nothing
     prompts = getattr(args, "prompts", None)
-    sets = eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
+    sets = data.eval_datasets(args.eval_sets.split(","), args.data_root, model.visual.input_resolution, prompts=prompts)
     baseline = baseline_seconds = f0 = None
     if args.eval_baseline or getattr(args, "save_attention", 0):
         pretrained = harness.load_model(args.model, run)  # the cache key's weights: not `model`, trained in place
@@ -580,7 +562,7 @@ def save_examples(encoder, model, datasets, attack, eps, n, run, out_dir):
     encoder.eval()
     for name, ds in datasets.items():
         classifier = clip.ZeroShotClassifier(encoder, text_head(model, ds, name).to(run.device))
-        x, y = next(iter(data.make_loader(eval_subset(ds, n, seed=1), n)))
+        x, y = next(iter(data.make_loader(data.eval_subset(ds, n, seed=1), n)))
         x, y = data.to_device(x, run.device, ds.resize_to), y.to(run.device)
         x_adv = attack(classifier, x, y)
         with torch.no_grad(), run.autocast():
@@ -609,7 +591,7 @@ def attention_images(args, resolution, n):
         ds = data.load_dataset(args.train_set, args.data_root, resolution, prompts=prompts)
     except data.DataError:
         ds = data.load_dataset(args.train_set, args.data_root, resolution, train=True, prompts=prompts)
-    return eval_subset(ds, n)
+    return data.eval_subset(ds, n)
 
 
 def save_attention(encoder, f0, model, attack, args, run):
@@ -767,8 +749,8 @@ def main(argv=None):
     model = harness.load_model(args.model, run)
     if args.checkpoint:
         clip.load_visual(model, args.checkpoint, args.model, ckpt, source)
-    sets = eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset, args.download,
-                         args.resize_before_attack, args.prompts)
+    sets = data.eval_datasets(names, args.data_root, model.visual.input_resolution, args.max_per_dataset,
+                              args.download, args.resize_before_attack, args.prompts)
     over = [n for n in sets if n in proto["average"]] or None  # the protocol's average, else all (toy, imagefolder)
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
                 "max_per_dataset": args.max_per_dataset, "prompts": None if args.toy else args.prompts}

@@ -2527,7 +2527,7 @@ def test_bad_checkpoints_give_one_line(capsys, tiny_ckpt, tiny_folder, tmp_path)
 def test_sanity_checks_flag_a_broken_attack(tiny_ckpt, tiny_folder, tmp_path):
     model = clip.load(tiny_ckpt)
     run = harness.Run(torch.device("cpu"), torch.float32)
-    sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
+    sets = data.eval_datasets(["imagefolder"], tiny_folder, 32)
     enc = clip.ImageEncoder(model.visual)
     broken = lambda m, x, y: x.clone()  # noqa: E731  "attacks" by returning the clean images
     res = evaluate.evaluate(enc, model, sets, broken, run, attack0=broken)
@@ -2645,7 +2645,7 @@ def test_evaluate_attack_none_is_clean_accuracy_alone(capsys, tiny_ckpt, tiny_fo
     assert res["attack"] is None and res["n"] == {"imagefolder": 18} and res["checks"]["passed"]
     assert "robust" not in res and "clean images only" in capsys.readouterr().out
     model = clip.load(tiny_ckpt)
-    sets = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)
+    sets = data.eval_datasets(["imagefolder"], tiny_folder, 32)
     pgd = evaluate.evaluate(clip.ImageEncoder(model.visual), model, sets, evaluate.make_attack("pgd", 1 / 255, 1 / 255, 1),
                             harness.Run(torch.device("cpu"), torch.float32))
     assert res["clean"]["imagefolder"] == pgd["imagefolder"]["clean"] == res["average"]["clean"]
@@ -2694,7 +2694,7 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: calls.append(1) or evaluate_(*a, **k))
 
     def baseline(root):
-        sets = evaluate.eval_datasets(["imagefolder"], str(root), 32)
+        sets = data.eval_datasets(["imagefolder"], str(root), 32)
         return evaluate.baseline_results(model, sets, cfg, args, run,
                                         lambda: evaluate.evaluate(f0, model, sets, attack, run, 32, 0))
 
@@ -2829,7 +2829,7 @@ def test_robustvlm_protocol(monkeypatch):
 def test_eps0_check_runs_once_on_a_few_images(tiny_ckpt, tiny_folder):
     model = clip.load(tiny_ckpt)
     run = harness.Run(torch.device("cpu"), torch.float32)
-    ds = evaluate.eval_datasets(["imagefolder"], tiny_folder, 32)["imagefolder"]
+    ds = data.eval_datasets(["imagefolder"], tiny_folder, 32)["imagefolder"]
     sizes = []
     shifted = lambda m, x, y: (sizes.append(len(x)), (x + 0.5).clamp(0, 1))[1]  # noqa: E731  moves images at eps 0
     res = evaluate.evaluate(clip.ImageEncoder(model.visual), model, {"one": ds, "two": ds},
