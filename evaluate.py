@@ -755,6 +755,7 @@ def main(argv=None):
     protocol = {"name": "toy" if args.toy else args.protocol, "resize_before_attack": args.resize_before_attack,
                 "max_per_dataset": args.max_per_dataset, "prompts": None if args.toy else args.prompts}
     attack_args = dict(eps=args.eps, step_size=args.step_size, steps=args.steps, apgd_steps=args.apgd_steps, aa=args.aa)
+    harness.begin(args, run)  # every check has passed: args.json, and the log from here on, into --out-dir
     encoder = clip.ImageEncoder(model.visual).to(run.device)  # its normalisation buffers too
     if args.save_examples and run.is_main:  # first: seconds, and they show what the attack does
         save_examples(encoder, model, sets, make_attack(chosen[0], **attack_args), args.eps,

@@ -48,6 +48,7 @@ def cli(main):
     try:
         main()
     except (UsageError, clip.CLIPError, data.DataError) as e:
+        give_back_folders()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
@@ -215,6 +216,7 @@ class Run:
     rank: int = 0
     world: int = 1
     out_dir: str = None
+    held: list = None  # log lines kept back until begin(): a refused run writes nothing into its folder
 
     @property
     def is_main(self):
@@ -234,7 +236,9 @@ class Run:
         if not self.is_main:
             return
         print(msg, flush=True)
-        if self.out_dir:
+        if self.held is not None:
+            self.held.append(msg)
+        elif self.out_dir:
             with open(os.path.join(self.out_dir, "log.txt"), "a") as f:
                 print(msg, file=f)
 
@@ -247,7 +251,8 @@ class Run:
 
 def setup_run(args):
     """Processes (torchrun sets RANK/WORLD_SIZE), device, precision, seed (check_request first); the output folder,
-    if the command has one: locked by rank 0 (lock_folder: a second run into it is refused), with args.json."""
+    if the command has one: locked by rank 0 (lock_folder: a second run into it is refused). Nothing is written into
+    it until begin()."""
     check_request(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.device == "auto":
@@ -266,11 +271,21 @@ def setup_run(args):
     if dtype is None:  # auto
         dtype = torch.float32 if device.type == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     torch.manual_seed(args.seed + rank)
-    run = Run(device, dtype, rank, world, getattr(args, "out_dir", None))
+    run = Run(device, dtype, rank, world, getattr(args, "out_dir", None), [])
     if run.out_dir and run.is_main:
         lock_folder(run.out_dir)
-        write_json(os.path.join(run.out_dir, "args.json"), vars(args))
     return run
+
+
+def begin(args, run):
+    """The run is accepted (every check before the work has passed): args.json and the log lines so far are written
+    into the output folder, which is now the run's. Until then a refusal leaves the folder as it was (cli)."""
+    held, run.held = run.held, None
+    if run.out_dir and run.is_main and held is not None:
+        UNTOUCHED.pop(os.path.abspath(run.out_dir), None)
+        write_json(os.path.join(run.out_dir, "args.json"), vars(args))
+        for msg in held:
+            run.log(msg)
 
 
 class Progress:
@@ -582,25 +597,28 @@ def lock_folder(out_dir):
     """Hold out_dir/lock (file_lock, with this process's id in it) while the run writes there: a second run is refused,
     naming the first's process id. Released by unlock_folder at the end of the run, and by the kernel when the process
     ends, however it ends."""
+    key, created = os.path.abspath(out_dir), not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
     path = os.path.join(out_dir, "lock")
     unlock_folder(out_dir)  # a run of this process that ended there without releasing it
+    UNTOUCHED[key] = (created, not os.path.exists(path))
     lock = file_lock(path, wait=False)
     try:
         f = lock.__enter__()
     except BlockingIOError:
         with open(path) as f:
             pid = f.read().strip() or "?"
+        UNTOUCHED.pop(key)
         raise UsageError(f"another run (pid {pid}) is writing to {out_dir}: wait for it to end, or choose another "
                          "--out-dir") from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    HELD_LOCKS[os.path.abspath(out_dir)] = lock
+    HELD_LOCKS[key] = lock
 
 
 def unlock_folder(out_dir):
@@ -609,7 +627,21 @@ def unlock_folder(out_dir):
         lock.__exit__(None, None, None)
 
 
+def give_back_folders():
+    """A refused run takes back what it made in the output folders it has not begun writing (begin): the lock file
+    and the folder itself, when it created them."""
+    for key, (created, new_lock) in list(UNTOUCHED.items()):
+        unlock_folder(key)
+        with contextlib.suppress(OSError):
+            if new_lock:
+                os.remove(os.path.join(key, "lock"))
+            if created:
+                os.rmdir(key)
+    UNTOUCHED.clear()
+
+
 HELD_LOCKS = {}  # out_dir -> its lock, held by this process
+UNTOUCHED = {}  # out_dir -> (this process created it, and its lock file): locked but not yet begun
 
 
 @contextlib.contextmanager
@@ -680,6 +712,7 @@ class TrainLog:
         """resumed: the curves stored in the checkpoint a run resumes from, kept up to its step; make_probe: see
         above, needed with --eval-every."""
         self.args, self.run, self.total, self.start, self.encoder = args, run, total, step, encoder
+        begin(args, run)  # every check before training has passed
         resumed = resumed or {}
         self.history = [tuple(p) for p in resumed.get("step_loss", []) if p[0] <= step]
         self.accuracy = [tuple(p) for p in resumed.get("clean_accuracy", []) if p[0] < step]

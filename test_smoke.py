@@ -2106,6 +2106,10 @@ def test_refused_runs_write_nothing_and_resume_names_changed_flags(capsys, tiny_
     assert "is finished (step 2 of 2)" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run,
                                                                                            "--resume"))
     assert (run / "args.json").read_bytes() == stored  # no refused run touched the folder
+    before = folder_state(run)
+    assert "nothing to train" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--resume",
+                                                                               "--lr", "0.5", "--allow-changed-flags"))
+    assert folder_state(run) == before  # refused after the folder was locked: args.json and log.txt as they were
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert "divide by the 3 processes" in one_line_error(capsys, tecoa.main, tecoa_args(tiny_ckpt, tiny_folder,
                                                                                           tmp_path / "other"))
@@ -2270,7 +2274,7 @@ def test_a_checkpoint_is_good_only_if_its_encoder_computes_finite_features(capsy
     monkeypatch.undo()
     good["visual"]["conv1.weight"].fill_(1e38)  # a checkpoint that a check of the weights alone let through
     torch.save(good, run / "ckpt.pt")
-    before = folder_state(run)["ckpt.pt"]
+    before = folder_state(run)
     capsys.readouterr()
     for main, argv in [(tecoa.main, tecoa_args(tiny_ckpt, tiny_folder, run, "--max-steps", "4", "--resume")),
                        (evaluate.main, ["--model", tiny_ckpt, "--checkpoint", str(run / "ckpt.pt"), "--datasets",
@@ -2278,8 +2282,8 @@ def test_a_checkpoint_is_good_only_if_its_encoder_computes_finite_features(capsy
                                         "--out-dir", str(tmp_path / "eval")])]:
         err = one_line_error(capsys, main, argv)
         assert "features they compute are NaN or inf" in err and "use an earlier checkpoint" in err, err
-    assert folder_state(run)["ckpt.pt"] == before  # refused, not overwritten
-    assert sorted(os.listdir(tmp_path / "eval")) == ["args.json", "lock"]  # no results
+    assert folder_state(run) == before  # refused: the checkpoint, args.json and log.txt as they were
+    assert not (tmp_path / "eval").exists()  # the folder the refused evaluation had locked is taken back
 
 
 def test_inputs_that_would_change_nothing_are_refused(capsys, tiny_ckpt, tiny_folder, tmp_path):
@@ -2301,7 +2305,7 @@ def test_inputs_that_would_change_nothing_are_refused(capsys, tiny_ckpt, tiny_fo
     err = one_line_error(capsys, saft.main, tecoa_args(tiny_ckpt, tiny_folder, tmp_path / "run", "--descriptions",
                                                        write_json(tmp_path / "none.json", {"cat": ["a", "b", "c"]})))
     assert "--descriptions" in err and "would change nothing: none of the 3 classes (blue thing, green thing, red thing) has" in err
-    assert not (tmp_path / "run" / "ckpt.pt").exists()  # refused once the class names are known, before step 1
+    assert not (tmp_path / "run").exists()  # refused once the class names are known: the locked folder taken back
 
 
 def test_requests_that_cannot_be_honoured_are_refused_before_any_work(capsys, tiny_ckpt, tiny_folder, tmp_path,
