@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -203,7 +204,32 @@ def attack_dtypes(name="ViT-B/32", n=64, eps=(1 / 255,), steps=10, seeds=(0, 1),
     return out
 
 
-def bench_pipeline(resolution, n=64, size=(500, 375)):
+def square_compaction(every=(1, 10, 50, 300), queries=300, eps=16 / 255, n=64, tasks=("toy_size", "toy_colour"),
+                      seeds=(0, 1, 2)):
+    """Square (`queries` queries) on n images of each toy task with the pre-trained toy CLIP, the batch cut to the
+    points still correct every k queries for k in `every`: per task and k, the best time over the seeds (run
+    interleaved) and the robust accuracy (%) per seed. Returns {(task, k): (seconds, [robust %])}."""
+    import evaluate
+    run = harness.Run(torch.device("cpu"), torch.float32)
+    model = harness.load_model("toy", run)
+    out = {}
+    for task in tasks:
+        ds = toy.dataset(task, n, 0)
+        x, y = ds.tensors[0].float() / 255, ds.tensors[1]
+        classifier = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), evaluate.text_head(model, ds))
+        times, robust = {k: math.inf for k in every}, {k: [] for k in every}
+        for seed in seeds:
+            for k in every:
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                x_adv = attacks.square(classifier, x, y, eps, queries, compact_every=k)
+                times[k] = min(times[k], time.perf_counter() - t0)
+                robust[k].append(100 * (attacks.predict(classifier, x_adv).argmax(1) == y).float().mean().item())
+        out.update({(task, k): (times[k], robust[k]) for k in every})
+    return out
+
+
+def bench_pipeline(resolution, n=64, size=(500, 375), repeats=3):
     """Images/s of one data-loading worker: decode a size[0] x size[1] JPEG (ImageNet's typical size), bicubic resize,
     centre crop, to a tensor; the uint8 path the loaders use (data.image_transform), the float ToTensor one, and two
     other decoders before the same uint8 transform: PIL's draft mode (libjpeg's DCT scaling to the largest 1/2^k
@@ -239,17 +265,20 @@ def bench_pipeline(resolution, n=64, size=(500, 375)):
             path = os.path.join(tmp, f"{i}.jpg")
             Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=90)
             paths.append(path)
-        rates = {}
+        rates = dict.fromkeys(decoders, 0.0)
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision >= 0.29 on its io
+        for _ in range(repeats):  # interleaved, the best of `repeats`: fair on a machine shared with other work
+            for name, (load, tf) in decoders.items():
+                tf(load(paths[0]))
+                t0 = time.perf_counter()
+                for path in paths:
+                    tf(load(path))
+                rates[name] = max(rates[name], n / (time.perf_counter() - t0))
         reference = [uint8(data.load_image(path)) for path in paths]
-        for name, (load, tf) in decoders.items():
-            tf(load(paths[0]))
-            t0 = time.perf_counter()
-            for path in paths:
-                tf(load(path))
-            rates[name] = n / (time.perf_counter() - t0)
-            if name in ("draft", "torchvision"):
-                rates[f"{name} max diff"] = max((tf(load(p)).int() - ref.int()).abs().max().item()
-                                                for p, ref in zip(paths, reference))
+        for name in ("draft", "torchvision"):
+            load, tf = decoders[name]
+            rates[f"{name} max diff"] = max((tf(load(p)).int() - ref.int()).abs().max().item()
+                                            for p, ref in zip(paths, reference))
     return rates
 
 
