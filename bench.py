@@ -14,6 +14,7 @@ import math
 import os
 import resource
 import time
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -176,19 +177,87 @@ def bench_eval(args, run):
     return args.batch_size / (sync(run.device) - t0)
 
 
-def bench_pipeline(resolution, n=64, size=(500, 375)):
+def attack_dtypes(name="ViT-B/32", n=64, eps=(1 / 255,), steps=10, seeds=(0, 1), classes=100, batch=32):
+    """Robust accuracy (%) under PGD-`steps` (step eps/4) run in fp32 and under CPU bf16 autocast, on a random-weight
+    model: n uniform-noise images, a random text head of `classes` classes, labels the fp32 model's own clean
+    predictions (clean accuracy 100% by construction); the adversarial images are judged by the fp32 model.
+    Returns {(eps, seed, dtype): robust %}."""
+    torch.manual_seed(0)
+    model = build(name, torch.device("cpu"))
+    text = torch.nn.functional.normalize(torch.randn(classes, model.text_projection.shape[1]), dim=-1)
+    classifier = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), text)
+    r = model.visual.input_resolution
+    x = torch.rand(n, 3, r, r, generator=torch.Generator().manual_seed(0))
+    parts = [slice(i, i + batch) for i in range(0, n, batch)]
+    y = torch.cat([attacks.predict(classifier, x[p]).argmax(1) for p in parts])
+    out = {}
+    for e in eps:
+        for seed in seeds:
+            for dtype in ("fp32", "bf16"):
+                torch.manual_seed(seed)
+                robust = 0
+                for p in parts:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                        x_adv = attacks.pgd(classifier, x[p], y[p], e, e / 4, steps)
+                    robust += (attacks.predict(classifier, x_adv).argmax(1) == y[p]).sum().item()
+                out[(e, seed, dtype)] = 100 * robust / n
+    return out
+
+
+def square_compaction(every=(1, 10, 50, 300), queries=300, eps=16 / 255, n=64, tasks=("toy_size", "toy_colour"),
+                      seeds=(0, 1, 2)):
+    """Square (`queries` queries) on n images of each toy task with the pre-trained toy CLIP, the batch cut to the
+    points still correct every k queries for k in `every`: per task and k, the best time over the seeds (run
+    interleaved) and the robust accuracy (%) per seed. Returns {(task, k): (seconds, [robust %])}."""
+    import evaluate
+    run = harness.Run(torch.device("cpu"), torch.float32)
+    model = harness.load_model("toy", run)
+    out = {}
+    for task in tasks:
+        ds = toy.dataset(task, n, 0)
+        x, y = ds.tensors[0].float() / 255, ds.tensors[1]
+        classifier = clip.ZeroShotClassifier(clip.ImageEncoder(model.visual), evaluate.text_head(model, ds))
+        times, robust = {k: math.inf for k in every}, {k: [] for k in every}
+        for seed in seeds:
+            for k in every:
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                x_adv = attacks.square(classifier, x, y, eps, queries, compact_every=k)
+                times[k] = min(times[k], time.perf_counter() - t0)
+                robust[k].append(100 * (attacks.predict(classifier, x_adv).argmax(1) == y).float().mean().item())
+        out.update({(task, k): (times[k], robust[k]) for k in every})
+    return out
+
+
+def bench_pipeline(resolution, n=64, size=(500, 375), repeats=3):
     """Images/s of one data-loading worker: decode a size[0] x size[1] JPEG (ImageNet's typical size), bicubic resize,
-    centre crop, to a tensor; the uint8 path the loaders use (data.image_transform) and the float ToTensor one."""
+    centre crop, to a tensor; the uint8 path the loaders use (data.image_transform), the float ToTensor one, and two
+    other decoders before the same uint8 transform: PIL's draft mode (libjpeg's DCT scaling to the largest 1/2^k
+    scale with both sides still >= resolution) and torchvision.io.decode_jpeg on the CPU. "<decoder> max diff" is
+    the largest |pixel difference| over the n images against the loaders' uint8 output."""
     import tempfile
 
     import numpy as np
     from PIL import Image
+    from torchvision import io
     from torchvision import transforms as T
 
     import data
     rng = np.random.default_rng(0)
     uint8 = data.image_transform(resolution)
     as_float = T.Compose([*uint8.transforms[:-1], T.ToTensor()])
+
+    def draft(path):
+        with Image.open(path) as img:
+            img.draft("RGB", (resolution, resolution))
+            return data.to_rgb(img)
+
+    def torchvision_decode(path):
+        pixels = io.decode_jpeg(io.read_file(path), mode=io.ImageReadMode.RGB)
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+    decoders = {"float": (data.load_image, as_float), "uint8": (data.load_image, uint8), "draft": (draft, uint8),
+                "torchvision": (torchvision_decode, uint8)}
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(n):  # smooth noise: JPEG-compresses like a photo, not like white noise
@@ -196,13 +265,20 @@ def bench_pipeline(resolution, n=64, size=(500, 375)):
             path = os.path.join(tmp, f"{i}.jpg")
             Image.fromarray(small).resize(size, Image.BILINEAR).save(path, quality=90)
             paths.append(path)
-        rates = {}
-        for name, tf in (("float", as_float), ("uint8", uint8)):
-            tf(data.load_image(paths[0]))
-            t0 = time.perf_counter()
-            for path in paths:
-                tf(data.load_image(path))
-            rates[name] = n / (time.perf_counter() - t0)
+        rates = dict.fromkeys(decoders, 0.0)
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)  # torchvision >= 0.29 on its io
+        for _ in range(repeats):  # interleaved, the best of `repeats`: fair on a machine shared with other work
+            for name, (load, tf) in decoders.items():
+                tf(load(paths[0]))
+                t0 = time.perf_counter()
+                for path in paths:
+                    tf(load(path))
+                rates[name] = max(rates[name], n / (time.perf_counter() - t0))
+        reference = [uint8(data.load_image(path)) for path in paths]
+        for name in ("draft", "torchvision"):
+            load, tf = decoders[name]
+            rates[f"{name} max diff"] = max((tf(load(p)).int() - ref.int()).abs().max().item()
+                                            for p, ref in zip(paths, reference))
     return rates
 
 
@@ -243,6 +319,9 @@ def main(argv=None):
     print(f"input pipeline, one worker (one process, {torch.get_num_threads()} threads), 500x375 JPEG -> {r}x{r}: "
           f"{rates['uint8']:.0f} img/s as uint8 (the loaders'), {rates['float']:.0f} img/s as float; the fastest step "
           f"above ({fastest:.1f} img/s) needs {math.ceil(fastest / rates['uint8'])} worker(s) per process")
+    print(f"other decoders before the same resize: PIL draft mode {rates['draft']:.0f} img/s (max |pixel diff| "
+          f"{rates['draft max diff']}), torchvision.io.decode_jpeg on the CPU {rates['torchvision']:.0f} img/s (max |pixel "
+          f"diff| {rates['torchvision max diff']})")
 
 
 if __name__ == "__main__":

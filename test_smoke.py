@@ -1247,6 +1247,16 @@ def test_targeted_attacks_hit_their_target(name):
         assert hit >= (0.75 if name in ("difgsm", "tifgsm") else 0.9), (pick.__name__, hit)
 
 
+@pytest.mark.parametrize("every", [7, 100])
+def test_square_compacting_every_k_queries_keeps_the_contract(every):
+    model, x, y = world(n=64, wrong=8)
+    right = model(x).argmax(1) == y
+    torch.manual_seed(0)
+    x_adv = attacks.square(model, x, y, 8 / 255, 100, compact_every=every)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert torch.equal(x_adv[~right], x[~right]) and accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.2
+
+
 def test_sequential_robust_set_is_the_intersection_of_its_parts():
     model, x, y = world()
     right = model(x).argmax(1) == y
@@ -3300,6 +3310,23 @@ def test_bench_counts_each_methods_passes_and_writes_nothing(tmp_path, monkeypat
                      "fare": "2/1"}
     assert all(r[4] == "2/2" for r in rows.values())  # the toy presets' PGD-2
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_pipeline_decoders_and_their_pixels():
+    import bench
+    rates = bench.bench_pipeline(224, n=2, repeats=1)
+    assert all(rates[k] > 0 for k in ("float", "uint8", "draft", "torchvision"))
+    assert rates["torchvision max diff"] == 0  # torchvision's decoder gives PIL's pixels
+    assert rates["draft max diff"] == 0  # 375 / 2 < 224: draft mode decodes 500x375 at full scale
+    assert bench.bench_pipeline(224, n=1, size=(1000, 750), repeats=1)["draft max diff"] > 0  # decoded at 1/2
+
+
+def test_attack_dtypes_on_a_tiny_random_model(monkeypatch):
+    import bench
+    monkeypatch.setitem(bench.CONFIGS, "tiny", (16, 16, 1, 32, 8, 8, 49408, 16, 1, 1))
+    out = bench.attack_dtypes("tiny", n=4, eps=(0.0, 1 / 255), steps=1, seeds=(0,), classes=5, batch=2)
+    assert set(out) == {(e, 0, d) for e in (0.0, 1 / 255) for d in ("fp32", "bf16")}
+    assert out[(0.0, 0, "fp32")] == out[(0.0, 0, "bf16")] == 100.0  # labels are the fp32 model's own predictions
 
 
 # ----------------------------------------------------------------------------- lab/: exercises and graders
