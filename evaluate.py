@@ -416,6 +416,16 @@ def held_out_probe(model, args, run, n):
     return probe
 
 
+def code_digest():
+    """A digest of the source that computes an evaluation (this file, the attacks, the data, the model): results
+    cached by other code, whose attacks may draw other random starts, are not reused."""
+    h = hashlib.sha1()
+    for path in (attacks.__file__, data.__file__, clip.model.__file__, toy.__file__, __file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def fingerprint(ds):
     """A digest of what a dataset holds, for keying caches on content rather than on a folder's path: its classes,
     template and resizing, which samples (a Subset's indices), and its images: in-memory arrays and labels by their
@@ -494,10 +504,11 @@ def baseline_results(model, sets, cfg, args, run, evaluate_f0):
     ($NANOZSAR_CACHE/baselines, default ~/.cache/nanozsar, beside the toy CLIP) under a key of the contents of what
     they depend on: the model's weights (weights_digest: a released CLIP, a --model file or the toy CLIP alike), each
     set's data.fingerprint (its class names and prompt template, so --prompts too, and its images' files by size and
-    modification time, or its in-memory arrays), the attack, seed and precision. The file is written atomically; a
+    modification time, or its in-memory arrays), the attack, seed and precision, and the code that computes them
+    (code_digest). The file is written atomically; a
     single-process run holds a lock while it evaluates, so a second run started meanwhile waits and reads the
     result; an unreadable or mismatching file is evaluated again and replaced (one line says so)."""
-    key = {"version": 3, "model": weights_digest(model), "sets": {n: fingerprint(ds) for n, ds in sets.items()},
+    key = {"code": code_digest(), "model": weights_digest(model), "sets": {n: fingerprint(ds) for n, ds in sets.items()},
            "attack": cfg, "seed": args.seed, "dtype": str(run.dtype)}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(harness.cache_dir(), "baselines", digest + ".json")

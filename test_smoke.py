@@ -2728,6 +2728,10 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
     assert len(calls) == 3
     with torch.no_grad():
         model.visual.proj.div_(2)
+    with monkeypatch.context() as m:  # other evaluation code (an attack drawing other random starts): evaluated again
+        m.setattr(evaluate, "code_digest", lambda: "other code")
+        baseline(tiny_folder)
+    assert len(calls) == 4
     path = tmp_path / "cache" / "baselines" / files[0]
     capsys.readouterr()
     for garbage in ["{not json", '{"key": 1, "results": {}}', "[]"]:
@@ -2736,7 +2740,7 @@ def test_baseline_cache_is_keyed_on_content_locked_and_rebuilt(tiny_ckpt, tiny_f
         out = [line for line in capsys.readouterr().out.splitlines() if "not usable" in line]
         assert len(out) == 1 and str(path) in out[0]
         assert json.load(open(path))["results"] == first  # rebuilt
-    assert len(calls) == 6 and not [f for f in os.listdir(path.parent) if ".tmp" in f]
+    assert len(calls) == 7 and not [f for f in os.listdir(path.parent) if ".tmp" in f]
     held, log = threading.Event(), []
     with harness.file_lock(str(path)):  # a second process (here: thread) waits for the lock
         t = threading.Thread(target=lambda: (harness.file_lock(str(path), log.append).__enter__(), held.set()))
