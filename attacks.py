@@ -268,6 +268,8 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, compact_every=1):
     fooled since are masked with torch.where and still go through the model. Random draws are made for the points
     in the batch, so results depend on compact_every; 1 (a sync per query) gives the reference results.
     """
+    if not (isinstance(compact_every, int) and compact_every >= 1):
+        raise ValueError(f"square: compact_every must be an integer >= 1, got {compact_every!r}")
     x = x.detach()
     x_adv = x.clone()
     idx = (predict(model, x).argmax(1) == y).nonzero()[:, 0]

@@ -417,10 +417,12 @@ def held_out_probe(model, args, run, n):
 
 
 def code_digest():
-    """A digest of the source that computes an evaluation (this file, the attacks, the data, the model): results
-    cached by other code, whose attacks may draw other random starts, are not reused."""
+    """A digest of the source that computes an evaluation (this file, the attacks, the data, the model and its text
+    features, the toy world): results cached by other code, whose attacks may draw other random starts, are not
+    reused."""
     h = hashlib.sha1()
-    for path in (attacks.__file__, data.__file__, clip.model.__file__, toy.__file__, __file__):
+    for path in (attacks.__file__, data.__file__, clip.__file__, clip.model.__file__, clip.tokenizer.__file__,
+                 toy.__file__, __file__):
         with open(path, "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:16]

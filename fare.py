@@ -144,7 +144,7 @@ def main(argv=None):
             step += 1
             log.step(step, loss, terms, lr)  # the loss stays on the device; a NaN/inf stops the run at the next log
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step, log)  # refuses a NaN/inf loss since the last log step, and non-finite weights
+                ckpt.save(step, log)  # refuses a NaN/inf loss since the last log step, and weights giving NaN/inf features
             if step == total:
                 break
     log.close()

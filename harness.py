@@ -52,6 +52,7 @@ def cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        give_back_folders()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
@@ -284,8 +285,8 @@ def begin(args, run):
     if run.out_dir and run.is_main and held is not None:
         UNTOUCHED.pop(os.path.abspath(run.out_dir), None)
         write_json(os.path.join(run.out_dir, "args.json"), vars(args))
-        for msg in held:
-            run.log(msg)
+        with open(os.path.join(run.out_dir, "log.txt"), "a") as f:  # printed already
+            f.writelines(msg + "\n" for msg in held)
 
 
 class Progress:
@@ -554,9 +555,9 @@ def length_flag(args):
 
 
 def setup(args):
-    """Processes, device, precision and seed, and the output folder (setup_run), which holds one run: nothing is
-    written to it before the run is accepted (a checkpoint there needs --resume; --resume refuses changed flags
-    without --allow-changed-flags), then a lock keeps a second run out and args.json is written."""
+    """Processes, device, precision and seed, and the output folder (setup_run), which holds one run: a checkpoint
+    there needs --resume, --resume refuses changed flags without --allow-changed-flags, then a lock keeps a second run
+    out; args.json is written when the run begins (begin)."""
     accept(args)
     return setup_run(args)
 
@@ -597,21 +598,24 @@ def lock_folder(out_dir):
     """Hold out_dir/lock (file_lock, with this process's id in it) while the run writes there: a second run is refused,
     naming the first's process id. Released by unlock_folder at the end of the run, and by the kernel when the process
     ends, however it ends."""
-    key, created = os.path.abspath(out_dir), not os.path.isdir(out_dir)
+    key = os.path.abspath(out_dir)
+    created = key  # the topmost folder this call creates, if any
+    while not os.path.isdir(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    created = None if os.path.isdir(key) else created
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror})") from None
     path = os.path.join(out_dir, "lock")
     unlock_folder(out_dir)  # a run of this process that ended there without releasing it
-    UNTOUCHED[key] = (created, not os.path.exists(path))
+    old = open(path, "rb").read() if os.path.isfile(path) else None
     lock = file_lock(path, wait=False)
     try:
         f = lock.__enter__()
     except BlockingIOError:
         with open(path) as f:
             pid = f.read().strip() or "?"
-        UNTOUCHED.pop(key)
         raise UsageError(f"another run (pid {pid}) is writing to {out_dir}: wait for it to end, or choose another "
                          "--out-dir") from None
     f.seek(0)
@@ -619,6 +623,7 @@ def lock_folder(out_dir):
     f.write(str(os.getpid()))
     f.flush()
     HELD_LOCKS[key] = lock
+    UNTOUCHED[key] = (created, old)
 
 
 def unlock_folder(out_dir):
@@ -628,20 +633,28 @@ def unlock_folder(out_dir):
 
 
 def give_back_folders():
-    """A refused run takes back what it made in the output folders it has not begun writing (begin): the lock file
-    and the folder itself, when it created them."""
-    for key, (created, new_lock) in list(UNTOUCHED.items()):
-        unlock_folder(key)
+    """A refused or interrupted run takes back what it made in the output folders it has not begun writing (begin):
+    the lock file as it was (removed while still held, so no other run locks a file about to go), and the folders
+    it created, if empty."""
+    for key, (created, old) in list(UNTOUCHED.items()):
         with contextlib.suppress(OSError):
-            if new_lock:
-                os.remove(os.path.join(key, "lock"))
-            if created:
-                os.rmdir(key)
+            path = os.path.join(key, "lock")
+            if old is None:
+                os.remove(path)
+            else:
+                with open(path, "wb") as f:
+                    f.write(old)
+        unlock_folder(key)
+        folder = key
+        while created and folder.startswith(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+            folder = os.path.dirname(folder)
     UNTOUCHED.clear()
 
 
 HELD_LOCKS = {}  # out_dir -> its lock, held by this process
-UNTOUCHED = {}  # out_dir -> (this process created it, and its lock file): locked but not yet begun
+UNTOUCHED = {}  # out_dir -> (the topmost folder locking it created, the lock file's bytes before): not yet begun
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ the script says so).
 """
 import copy
 import json
-import os
 from types import SimpleNamespace
 
 import torch
@@ -130,14 +129,11 @@ def setup_method(model, train_set, encoder, args, run):
     class for the attention maps (attention_text [C, D]), and the frozen pre-trained encoder f0."""
     harness.require_vit(args.model, args.method, model.visual)  # a file only the built model tells
     names = train_set.classnames
-    source = args.descriptions
-    if source is None and args.train_set in toy.TASKS:  # the toy world ships its own descriptions
-        desc, source = toy.descriptions(), os.path.join(args.out_dir, "descriptions.json")
-        if run.is_main:  # a copy beside the run, to read
-            with open(source, "w") as f:
-                json.dump(desc, f, indent=1)
+    source = f"--descriptions {args.descriptions}"
+    if args.descriptions is None and args.train_set in toy.TASKS:  # the toy world ships its own (toy.descriptions)
+        desc, source = toy.descriptions(), "the toy world's descriptions (toy.descriptions)"
     else:
-        desc = read_descriptions(source) if source else None
+        desc = read_descriptions(args.descriptions) if args.descriptions else None
     if desc is None:
         if args.k > len(TEMPLATES):
             raise harness.UsageError(f"--k {args.k}: without --descriptions SAFT has only {len(TEMPLATES)} templates")
@@ -148,9 +144,9 @@ def setup_method(model, train_set, encoder, args, run):
         chosen, fell = select_descriptions(model, names, desc, args.k)
         if len(fell) == len(names):
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise harness.no_effect(f"--descriptions {source}", f"none of the {len(names)} classes ({shown}) has an "
+            raise harness.no_effect(source, f"none of the {len(names)} classes ({shown}) has an "
                                     f"entry with K = {args.k} descriptions or more in it, so every class would fall "
-                                    f"back to \"{FALLBACK}\"; check its class names")
+                                    f"back to \"{FALLBACK}\"; check its class names, or lower --k")
         run.log(f"{args.method}: top {args.k} descriptions per class from {source}; {len(fell)} of "
                 f"{len(names)} classes had fewer than {args.k} (or no entry) and fell back to \"{FALLBACK}\" "
                 f"{args.k} times" + (f": {', '.join(fell)}" if fell else ""))
@@ -261,7 +257,7 @@ def main(argv=None):
             step += 1
             log.step(step, loss, terms, lr)  # the loss stays on the device; a NaN/inf stops the run at the next log
             if step % args.save_every == 0 or step == total:
-                ckpt.save(step, log)  # refuses a NaN/inf loss since the last log step, and non-finite weights
+                ckpt.save(step, log)  # refuses a NaN/inf loss since the last log step, and weights giving NaN/inf features
             if step == total:
                 break
     log.close()
