@@ -726,11 +726,12 @@ def main(argv=None):
         rows = published.PUBLISHED.get(args.protocol, {"rows": {}})["rows"]
         raise UsageError(f"--paper-row {args.paper_row}: no such row for --protocol {args.protocol} (rows: "
                          f"{', '.join(rows) or 'none'})")
-    aa, chosen = args.aa, attack_names(args.attack or ("pgd" if args.toy else proto.get("attack", "pgd")))
+    aa = args.aa  # as typed: None unless given
     for key, toy_value, default in (("eps", toy.EPS, 1 / 255), ("attack", "pgd", "pgd"), ("aa", "seed", "seed"),
                                     ("max_per_dataset", None, None)):
         if getattr(args, key) is None:
             setattr(args, key, toy_value if args.toy else proto.get(key, default))
+    chosen = attack_names(args.attack)
     if args.step_size is None:
         args.step_size = min(args.eps / 4 if args.toy else proto["step_size"], args.eps)
     if args.steps is None:

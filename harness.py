@@ -361,11 +361,7 @@ def write_json(path, obj):
     write_atomically(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def cache_dir():
-    """$NANOZSAR_CACHE, by default ~/.cache/nanozsar: the toy CLIP and the pre-trained encoders' results."""
-    return os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar"))
-
-
+cache_dir = toy.cache_dir  # $NANOZSAR_CACHE: the toy CLIP's weights and the pre-trained encoders' results
 toy_cache_path = toy.cache_path  # the toy CLIP's weights, in cache_dir()
 
 

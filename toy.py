@@ -254,9 +254,13 @@ def cache_key():
     return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def cache_dir():
+    """$NANOZSAR_CACHE, by default ~/.cache/nanozsar: the toy CLIP and the pre-trained encoders' results."""
+    return os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar"))
+
+
 def cache_path():
-    root = os.environ.get("NANOZSAR_CACHE", os.path.expanduser("~/.cache/nanozsar"))
-    return os.path.join(root, f"toy_clip-{cache_key()}.pt")
+    return os.path.join(cache_dir(), f"toy_clip-{cache_key()}.pt")
 
 
 def read_cache(path, log):

@@ -257,8 +257,7 @@ def model_from_state_dict(state_dict, path, **options):
     if missing:
         raise CLIPError(f"{path} is not a CLIP state dict: it lacks {', '.join(missing)} "
                         f"(it has {len(state_dict)} keys, e.g. {', '.join(list(state_dict)[:3]) or 'none'})")
-    broken = [k for k, v in state_dict.items()
-              if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite(state_dict)
     if broken:
         raise CLIPError(f"{path}: {len(broken)} of its {len(state_dict)} weight tensors hold NaN or inf "
                         f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); the weights are broken")
@@ -278,13 +277,18 @@ def model_from_state_dict(state_dict, path, **options):
     return model
 
 
+def nonfinite(state_dict):
+    """The keys of the floating-point tensors that hold NaN or inf."""
+    return [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 @torch.no_grad()
 def encoder_fault(visual):
     """None for a good image encoder, one that computes finite features; else what is wrong, a phrase after "the
     weights": tensors that hold NaN or inf, or finite weights whose features are not (thrown to ~1e38 by a diverging
     update). The features are those of one fixed image, in eval mode (the mode is restored), on the encoder's device."""
     sd = visual.state_dict()
-    broken = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite(sd)
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
         return f"hold NaN or inf in {len(broken)} of {len(sd)} tensors ({', '.join(broken[:3])}{more})"
@@ -679,7 +683,7 @@ def checkpoint_encoder(ckpt, path):
         more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
         raise CLIPError(f"{path}: {name}, but these keys are not understood: {', '.join(unknown[:6])}{more} (only "
                          "OpenAI-architecture ViT/ResNet image encoders can be mapped)")
-    broken = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = nonfinite(sd)
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
         raise CLIPError(f"{path}: {name}, but {len(broken)} of its {len(sd)} weight tensors hold NaN or inf "
